@@ -1,0 +1,3 @@
+"""attacks (filled in by later issues)."""
+
+__all__: list[str] = []

@@ -1,0 +1,70 @@
+"""The ``lightning-robust`` command: LightningCLI in subclass mode over every module of the package.
+
+Examples::
+
+    lightning-robust fit --config configs/quickstart.yaml
+    lightning-robust fit --config configs/quickstart.yaml --trainer.fast_dev_run=true
+    lightning-robust fit --config configs/quickstart.yaml --trainer.devices 2 --trainer.strategy ddp
+    lightning-robust test --config configs/quickstart.yaml --ckpt_path runs/quickstart/.../last.ckpt
+
+Any ``pl.LightningModule`` / ``pl.LightningDataModule`` subclass can be selected with ``class_path``;
+the package's own are imported here so that their short names resolve too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.cli import ArgsType, LightningCLI
+
+import lightning_robust.callbacks
+import lightning_robust.datamodules
+import lightning_robust.models  # noqa: F401  (registers subclasses for class_path resolution)
+
+__all__ = ["LightningRobustCLI", "main"]
+
+
+class LightningRobustCLI(LightningCLI):
+    """LightningCLI with the package's defaults.
+
+    * subclass mode for model and data (``class_path`` selects any LightningModule / DataModule);
+    * the saved ``config.yaml`` may be overwritten, so a second run in the same directory works;
+    * optimizers are constructor arguments of our modules (``auto_configure_optimizers=False``).
+    """
+
+    def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        super().__init__(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def instantiate_classes(self) -> None:
+        """Instantiate, turning a constructor's validation error into one parser error (exit code 2).
+
+        jsonargparse wraps constructor errors in a report over every type of a Union; the user needs only
+        our message, which names the argument and the bad value.
+        """
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            lines = [ln.strip()[2:] for ln in str(err).splitlines() if ln.strip().startswith("- ")]
+            useful = [ln for ln in lines if not ln.startswith("Expected a <class 'NoneType'>")]
+            self.parser.error("; ".join(useful) if useful else str(err))
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``lightning-robust`` console script (returns nothing, so the exit code is 0)."""
+    LightningRobustCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

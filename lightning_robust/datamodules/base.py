@@ -1,0 +1,182 @@
+"""The shared base of every DataModule: deterministic splits, loaders, ``with_index``, sample exclusion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_robust.utils.validation import check_fraction, check_non_negative, check_positive_int
+
+__all__ = ["IndexedDataset", "RobustDataModule"]
+
+
+class IndexedDataset(Dataset):
+    """Wrap a ``(x, y)`` dataset so that item ``i`` is ``(x, y, i)``.
+
+    The poison filter (and anything else that reasons about individual training samples) needs to know
+    which dataset element each row of a batch is, also under DDP where samplers shuffle and shard.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        x, y = self.dataset[index][:2]
+        return x, y, index
+
+
+class RobustDataModule(pl.LightningDataModule):
+    """Base DataModule: a training set split into train/val by seed, an optional test set, and loaders.
+
+    Subclasses implement :meth:`build_datasets` (return the full training set and the test set, or
+    ``None``) and may override :meth:`prepare_data` to download. The base then
+
+    * splits the training set into train / val with ``torch.randperm`` seeded by ``seed`` (identical on
+      every rank, so DDP processes agree on the split without communication);
+    * wraps datasets in :class:`IndexedDataset` when ``with_index`` is set (batches are ``(x, y, index)``,
+      ``index`` counting positions in :attr:`train_dataset`);
+    * lets callbacks drop training samples by index (:meth:`exclude_train_indices`), e.g. the Deep k-NN
+      poison filter; the next train dataloader no longer yields them;
+    * leaves distributed sharding to Lightning's ``DistributedSampler`` (``use_distributed_sampler``).
+
+    Args:
+        batch_size: training batch size (per process).
+        eval_batch_size: batch size for val/test/predict (defaults to ``batch_size``).
+        num_workers: DataLoader worker processes.
+        persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
+        pin_memory: pin host memory (useful on GPU).
+        val_fraction: fraction of the training set held out for validation, in [0, 1).
+        seed: seed of the train/val split (not of training).
+        with_index: yield ``(x, y, index)`` batches from the train and val loaders.
+        drop_last: drop the last incomplete training batch.
+
+    Raises:
+        ValueError: on a non-positive batch size, negative workers, or a fraction outside [0, 1).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        persistent_workers: bool = True,
+        pin_memory: bool = False,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        with_index: bool = False,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        check_positive_int("batch_size", batch_size)
+        if eval_batch_size is not None:
+            check_positive_int("eval_batch_size", eval_batch_size)
+        check_non_negative("num_workers", num_workers)
+        if not isinstance(num_workers, int):
+            raise ValueError(f"num_workers must be an integer, got {num_workers!r}")
+        check_fraction("val_fraction", val_fraction)
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.pin_memory = pin_memory
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.with_index = with_index
+        self.drop_last = drop_last
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+        self._excluded: set[int] = set()
+
+    # ---- to implement -------------------------------------------------------------------------------
+    def build_datasets(self) -> tuple[Dataset, Dataset | None]:
+        """Return ``(full_training_set, test_set_or_None)``; items are ``(x, y)`` pairs."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (subclasses override)."""
+        raise NotImplementedError
+
+    # ---- splitting ----------------------------------------------------------------------------------
+    def split_indices(self, n: int) -> tuple[list[int], list[int]]:
+        """Deterministic ``(train_indices, val_indices)`` of a training set of size ``n``."""
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_val = round(self.val_fraction * n)
+        return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        full, test = self.build_datasets()
+        train_idx, val_idx = self.split_indices(len(full))  # type: ignore[arg-type]
+        self.train_dataset = Subset(full, train_idx)
+        self.val_dataset = Subset(full, val_idx) if val_idx else None
+        self.test_dataset = test
+
+    # ---- exclusion (poison filtering) ---------------------------------------------------------------
+    def exclude_train_indices(self, indices: Sequence[int] | torch.Tensor) -> None:
+        """Stop yielding the given :attr:`train_dataset` positions from the next train dataloader on."""
+        self._excluded.update(int(i) for i in torch.as_tensor(indices).flatten().tolist())
+
+    @property
+    def excluded_train_indices(self) -> list[int]:
+        """Sorted positions excluded with :meth:`exclude_train_indices`."""
+        return sorted(self._excluded)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Exclusions are part of the training state: a resumed run must train on the same kept set.
+        return {"excluded_train_indices": self.excluded_train_indices}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._excluded = set(int(i) for i in state_dict.get("excluded_train_indices", []))
+
+    # ---- loaders ------------------------------------------------------------------------------------
+    def _wrap(self, ds: Dataset) -> Dataset:
+        return IndexedDataset(ds) if self.with_index else ds
+
+    def _loader(self, ds: Dataset, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers,
+            pin_memory=self.pin_memory,
+            drop_last=drop_last,
+        )
+
+    def _require(self, ds: Dataset | None, split: str) -> Dataset:
+        if ds is None:
+            if self.train_dataset is None:
+                self.setup()
+                ds = {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}[split]
+            if ds is None:
+                raise RuntimeError(f"{type(self).__name__} has no {split} split "
+                                   f"(val_fraction={self.val_fraction})")
+        return ds
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self._wrap(self._require(self.train_dataset, "train"))
+        if self._excluded:
+            keep = [i for i in range(len(ds)) if i not in self._excluded]  # type: ignore[arg-type]
+            ds = Subset(ds, keep)
+        return self._loader(ds, shuffle=True, batch_size=self.batch_size, drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._wrap(self._require(self.val_dataset, "val")), False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._require(self.test_dataset, "test"), False, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

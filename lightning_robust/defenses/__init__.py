@@ -1,0 +1,3 @@
+"""defenses (filled in by later issues)."""
+
+__all__: list[str] = []

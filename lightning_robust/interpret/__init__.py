@@ -1,0 +1,3 @@
+"""interpret (filled in by later issues)."""
+
+__all__: list[str] = []

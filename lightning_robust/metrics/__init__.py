@@ -1,0 +1,3 @@
+"""metrics (filled in by later issues)."""
+
+__all__: list[str] = []

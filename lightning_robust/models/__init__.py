@@ -1,0 +1,5 @@
+"""LightningModules."""
+
+from lightning_robust.models.classifier import Classifier
+
+__all__ = ["Classifier"]

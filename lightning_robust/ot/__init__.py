@@ -1,0 +1,3 @@
+"""ot (filled in by later issues)."""
+
+__all__: list[str] = []

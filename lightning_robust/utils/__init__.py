@@ -1,0 +1,18 @@
+"""Utilities: feature hooks, batch adapters, safe checkpoint loading, argument checks, figures."""
+
+from lightning_robust.utils.batch import Batch, split_batch
+from lightning_robust.utils.checkpoint import CheckpointError, extract_state_dict, load_module, safe_load
+from lightning_robust.utils.feature_extractor import FeatureExtractor, resolve_layer
+from lightning_robust.utils.image_logging import log_image
+
+__all__ = [
+    "Batch",
+    "CheckpointError",
+    "FeatureExtractor",
+    "extract_state_dict",
+    "load_module",
+    "log_image",
+    "resolve_layer",
+    "safe_load",
+    "split_batch",
+]
