@@ -19,7 +19,6 @@ from lightning_robust.datamodules import load_digits_tensors
 from lightning_robust.models import Classifier
 from lightning_robust.nets import SmallCNN
 
-
 EPOCHS = 3  # several epochs per fit, so Trainer construction is amortised as in real use
 
 

@@ -1,3 +1,7 @@
-"""attacks (filled in by later issues)."""
+"""Adversarial attacks (pure PyTorch). Every attack follows the :class:`Attack` contract."""
 
-__all__: list[str] = []
+from lightning_robust.attacks.base import Attack, attack_loss, model_mode
+from lightning_robust.attacks.pgd import FGSM, PGD
+from lightning_robust.attacks.threat import ThreatModel
+
+__all__ = ["Attack", "FGSM", "PGD", "ThreatModel", "attack_loss", "model_mode"]
