@@ -7,11 +7,34 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from lightning_robust.utils.validation import check_fraction, check_non_negative, check_positive_int
 
-__all__ = ["IndexedDataset", "RobustDataModule"]
+__all__ = ["EpochShuffleSampler", "IndexedDataset", "RobustDataModule"]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation per epoch drawn from ``torch.Generator().manual_seed(seed + epoch)``.
+
+    ``shuffle=True`` draws its order from the global RNG, which checkpoints do not hold, so a resumed run
+    would see other batches than an uninterrupted one. This sampler's order depends only on
+    ``(seed, epoch)``; Lightning calls :meth:`set_epoch` before every epoch (also after a resume), and
+    under DDP wraps it so that every rank shards the same order.
+    """
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 class IndexedDataset(Dataset):
@@ -44,7 +67,9 @@ class RobustDataModule(pl.LightningDataModule):
       ``index`` counting positions in :attr:`train_dataset`);
     * lets callbacks drop training samples by index (:meth:`exclude_train_indices`), e.g. the Deep k-NN
       poison filter; the next train dataloader no longer yields them;
-    * leaves distributed sharding to Lightning's ``DistributedSampler`` (``use_distributed_sampler``).
+    * shuffles training data with :class:`EpochShuffleSampler` (order fixed by ``seed`` and the epoch, so
+      resuming from a checkpoint replays exactly the batches an uninterrupted run would see);
+    * leaves distributed sharding to Lightning (``use_distributed_sampler``).
 
     Args:
         batch_size: training batch size (per process).
@@ -53,7 +78,7 @@ class RobustDataModule(pl.LightningDataModule):
         persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
         pin_memory: pin host memory (useful on GPU).
         val_fraction: fraction of the training set held out for validation, in [0, 1).
-        seed: seed of the train/val split (not of training).
+        seed: seed of the train/val split and of the training-data order.
         with_index: yield ``(x, y, index)`` batches from the train and val loaders.
         drop_last: drop the last incomplete training batch.
 
@@ -145,10 +170,11 @@ class RobustDataModule(pl.LightningDataModule):
         return IndexedDataset(ds) if self.with_index else ds
 
     def _loader(self, ds: Dataset, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
+        sampler = EpochShuffleSampler(len(ds), self.seed) if shuffle else None  # type: ignore[arg-type]
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,

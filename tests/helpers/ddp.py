@@ -42,9 +42,16 @@ def _common(tmp_path: Path, **kwargs: Any) -> dict[str, Any]:
     return args
 
 
-def ddp_trainer(tmp_path: Path, **kwargs: Any) -> pl.Trainer:
-    """A 2-process CPU ``ddp_spawn`` Trainer (gloo backend) with quiet defaults."""
-    return pl.Trainer(**_common(tmp_path, strategy="ddp_spawn", devices=2, num_nodes=1, **kwargs))
+def ddp_trainer(tmp_path: Path, find_unused_parameters: bool = False, **kwargs: Any) -> pl.Trainer:
+    """A 2-process CPU ``ddp_spawn`` Trainer (gloo backend) with quiet defaults.
+
+    ``find_unused_parameters=True`` is needed by modules whose backward passes leave some parameters
+    without gradients (GANs' alternating updates under manual optimization).
+    """
+    from pytorch_lightning.strategies import DDPStrategy
+
+    strategy = DDPStrategy(start_method="spawn", find_unused_parameters=find_unused_parameters)
+    return pl.Trainer(**_common(tmp_path, strategy=strategy, devices=2, num_nodes=1, **kwargs))
 
 
 def single_trainer(tmp_path: Path, **kwargs: Any) -> pl.Trainer:

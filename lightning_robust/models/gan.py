@@ -1,0 +1,288 @@
+"""A general GAN LightningModule with manual optimization, and the standard GAN losses as pure functions.
+
+Losses (D is the critic / discriminator, G the generator, ``r = D(x_real)``, ``f = D(G(z))``):
+
+* ``"wgan-gp"`` (Gulrajani et al. 2017, arXiv 1704.00028): ``L_D = E[f] - E[r] + λ E[(||∇D(x̂)||_2 - 1)^2]``
+  with ``x̂ = ε x_real + (1 - ε) x_fake``, ``ε ~ U[0, 1]``; ``L_G = -E[f]``.
+* ``"wgan-clip"`` (Arjovsky et al. 2017, arXiv 1701.07875): ``L_D = E[f] - E[r]``, critic weights clipped
+  to ``[-c, c]`` after each step; ``L_G = -E[f]``.
+* ``"ns"`` (Goodfellow et al. 2014, non-saturating): ``L_D = E[softplus(-r)] + E[softplus(f)]``,
+  ``L_G = E[softplus(-f)]``.
+* ``"hinge"`` (Miyato et al. 2018): ``L_D = E[relu(1 - r)] + E[relu(1 + f)]``, ``L_G = -E[f]``.
+
+Subclasses (NW-GAN, entropic GAN, distilled GAN) override :meth:`GAN.generate`,
+:meth:`GAN.discriminator_loss`, :meth:`GAN.generator_loss` and the parameter groups.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.cli import OptimizerCallable
+from torch import nn
+
+from lightning_robust.utils.batch import split_batch
+from lightning_robust.utils.validation import (
+    check_choice,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+)
+
+__all__ = ["GAN", "GAN_LOSSES", "default_gan_optimizer", "discriminator_loss", "generator_loss", "gradient_penalty"]
+
+GAN_LOSSES = ("wgan-gp", "wgan-clip", "ns", "hinge")
+
+
+def default_gan_optimizer(params: Any) -> torch.optim.Optimizer:
+    """Adam(lr 1e-4, betas (0.5, 0.9)): the WGAN-GP paper's setting, also stable for the other losses."""
+    return torch.optim.Adam(params, lr=1e-4, betas=(0.5, 0.9))
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                     generator: torch.Generator | None = None, target: float = 1.0) -> torch.Tensor:
+    """``E[(||∇_x̂ D(x̂)||_2 - target)^2]`` at random interpolates ``x̂`` of real and fake samples (WGAN-GP).
+
+    ``create_graph=True`` so the penalty itself is differentiated w.r.t. the critic's weights.
+    """
+    eps = torch.rand(real.shape[0], *([1] * (real.ndim - 1)), generator=generator, device=real.device,
+                     dtype=real.dtype)
+    x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
+    out = critic(x_hat)
+    (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
+    return ((grad.flatten(1).norm(p=2, dim=1) - target) ** 2).mean()
+
+
+def discriminator_loss(loss: str, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """The discriminator / critic loss (without the gradient penalty) for ``loss`` in :data:`GAN_LOSSES`."""
+    d_real, d_fake = d_real.flatten(), d_fake.flatten()
+    if loss in ("wgan-gp", "wgan-clip"):
+        return d_fake.mean() - d_real.mean()
+    if loss == "ns":
+        return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    if loss == "hinge":
+        return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+    raise ValueError(f"loss must be one of {list(GAN_LOSSES)}, got {loss!r}")
+
+
+def generator_loss(loss: str, d_fake: torch.Tensor) -> torch.Tensor:
+    """The generator loss for ``loss`` in :data:`GAN_LOSSES` (non-saturating form for ``"ns"``)."""
+    d_fake = d_fake.flatten()
+    if loss == "ns":
+        return F.softplus(-d_fake).mean()
+    if loss in GAN_LOSSES:
+        return -d_fake.mean()
+    raise ValueError(f"loss must be one of {list(GAN_LOSSES)}, got {loss!r}")
+
+
+class GAN(pl.LightningModule):
+    """Generator + discriminator trained by alternating updates (manual optimization).
+
+    Every training batch updates the discriminator once; every ``n_critic``-th batch also updates the
+    generator (so ``n_critic=5`` is WGAN's five critic steps per generator step, each on a fresh real
+    batch). Latent noise and gradient-penalty interpolation weights come from a generator seeded by
+    ``(seed, step counter, rank)``, so a resumed run draws exactly the noise an uninterrupted run would,
+    without storing RNG state; each DDP rank draws different noise.
+
+    Logs ``train/d_loss``, ``train/g_loss`` (and ``train/gp`` for WGAN-GP). Note that Lightning's
+    ``global_step`` counts optimizer steps of both optimizers in manual optimization.
+
+    Under DDP the discriminator step's backward leaves the generator's parameters without gradients,
+    so use ``strategy="ddp_find_unused_parameters_true"`` (or ``DDPStrategy(find_unused_parameters=True)``).
+
+    Args:
+        generator: maps latents ``[B, latent_dim]`` (or the shape in ``latent_shape``) to samples.
+        discriminator: maps samples to one score per sample.
+        latent_dim: size of the latent vector; read from ``generator.latent_dim`` when omitted.
+        latent_shape: optional extra trailing latent shape (e.g. ``(1, 1)`` for DCGAN's ``[B, nz, 1, 1]``).
+        loss: one of ``"wgan-gp"``, ``"wgan-clip"``, ``"ns"``, ``"hinge"``.
+        n_critic: discriminator steps per generator step.
+        gp_weight: λ of the gradient penalty (WGAN-GP).
+        clip_value: c of weight clipping (WGAN).
+        generator_optimizer, discriminator_optimizer: ``params -> Optimizer``.
+        ema_decay: if set (e.g. 0.999), keep an exponential moving average of the generator's weights
+            (``generator_ema``), used by :meth:`sample`.
+        n_fixed_latents: size of the fixed latent batch (a buffer) used for sample grids.
+        seed: base seed of the per-step noise.
+
+    Raises:
+        ValueError: on an unknown loss or invalid numbers.
+
+    Example:
+        >>> gan = GAN(generator, discriminator, latent_dim=64, loss="wgan-gp", n_critic=5)
+        >>> pl.Trainer(max_epochs=10).fit(gan, datamodule=dm)
+        >>> images = gan.sample(16)
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        latent_dim: int | None = None,
+        latent_shape: tuple[int, ...] = (),
+        loss: str = "wgan-gp",
+        n_critic: int = 5,
+        gp_weight: float = 10.0,
+        clip_value: float = 0.01,
+        generator_optimizer: OptimizerCallable = default_gan_optimizer,
+        discriminator_optimizer: OptimizerCallable = default_gan_optimizer,
+        ema_decay: float | None = None,
+        n_fixed_latents: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, mod in (("generator", generator), ("discriminator", discriminator)):
+            if not isinstance(mod, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(mod).__name__}")
+        if latent_dim is None:
+            latent_dim = getattr(generator, "latent_dim", None)
+            if not isinstance(latent_dim, int):
+                raise ValueError("latent_dim must be given (the generator has no integer `latent_dim` attribute)")
+        check_positive_int("latent_dim", latent_dim)
+        for i, s in enumerate(latent_shape):
+            check_positive_int(f"latent_shape[{i}]", s)
+        check_choice("loss", loss, GAN_LOSSES)
+        check_positive_int("n_critic", n_critic)
+        check_non_negative("gp_weight", gp_weight)
+        check_positive("clip_value", clip_value)
+        if ema_decay is not None:
+            check_fraction("ema_decay", ema_decay)
+        check_positive_int("n_fixed_latents", n_fixed_latents)
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.save_hyperparameters(ignore=["generator", "discriminator", "generator_optimizer",
+                                          "discriminator_optimizer"])
+        self.automatic_optimization = False
+        self.generator = generator
+        self.discriminator = discriminator
+        self.latent_dim = latent_dim
+        self.latent_shape = tuple(latent_shape)
+        self.loss_name = loss
+        self.n_critic = n_critic
+        self.gp_weight = gp_weight
+        self.clip_value = clip_value
+        self.ema_decay = ema_decay
+        self.seed = seed
+        self.generator_optimizer_factory = generator_optimizer
+        self.discriminator_optimizer_factory = discriminator_optimizer
+        self.generator_ema: nn.Module | None = None
+        if ema_decay is not None:
+            self.generator_ema = copy.deepcopy(generator).requires_grad_(False).eval()
+        g = torch.Generator().manual_seed(seed + 7919)
+        self.register_buffer("fixed_latents", torch.randn(n_fixed_latents, latent_dim, *self.latent_shape,
+                                                          generator=g))
+        # Counts training batches; part of the checkpoint, it keys the per-step noise.
+        self.register_buffer("gan_step", torch.zeros((), dtype=torch.long))
+
+    # ---- noise ----------------------------------------------------------------------------------------
+    def step_generator(self, stream: str = "latent") -> torch.Generator:
+        """A generator seeded by (seed, step counter, global rank, stream): stateless and resumable."""
+        key = f"{self.seed}/{int(self.gan_step)}/{self.global_rank}/{stream}".encode()
+        g = torch.Generator(device=self.device)
+        g.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1))
+        return g
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` standard normal latents of shape ``[n, latent_dim, *latent_shape]``."""
+        return torch.randn(n, self.latent_dim, *self.latent_shape, generator=generator, device=self.device)
+
+    # ---- the model ------------------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.generator(z)
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """Map latents to samples during training (subclasses: mixtures of generators, ...)."""
+        return self.generator(z)
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None, z: torch.Tensor | None = None, use_ema: bool = True) -> torch.Tensor:
+        """Samples from the (EMA) generator in eval mode: ``z`` given, else the first ``n`` fixed latents."""
+        if z is None:
+            z = self.fixed_latents if n is None or n <= len(self.fixed_latents) else self.sample_latents(n)
+            z = z[: n or len(z)]
+        net = self.generator_ema if (use_ema and self.generator_ema is not None) else self.generator
+        was_training = net.training
+        net.eval()
+        try:
+            return net(z.to(self.device))
+        finally:
+            net.train(was_training)
+
+    def discriminator_loss(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Return ``(loss, logs)`` of one discriminator step; ``fake`` is detached."""
+        loss = discriminator_loss(self.loss_name, self.discriminator(real), self.discriminator(fake))
+        logs: dict[str, Any] = {}
+        if self.loss_name == "wgan-gp" and self.gp_weight > 0:
+            gp = gradient_penalty(self.discriminator, real, fake, self.step_generator("gp"))
+            logs["gp"] = gp.detach()
+            loss = loss + self.gp_weight * gp
+        return loss, logs
+
+    def generator_loss(self, fake: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Return ``(loss, logs)`` of one generator step (``fake`` carries the graph to the generator)."""
+        return generator_loss(self.loss_name, self.discriminator(fake)), {}
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        return list(self.generator.parameters())
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        return list(self.discriminator.parameters())
+
+    # ---- training -------------------------------------------------------------------------------------
+    @staticmethod
+    def real_from_batch(batch: Any) -> torch.Tensor:
+        """The real samples of a batch: a tensor, or the ``x`` of ``(x, y[, index])`` / dict batches."""
+        return batch if torch.is_tensor(batch) else split_batch(batch).x
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()  # type: ignore[misc]
+        real = self.real_from_batch(batch)
+        n = real.shape[0]
+
+        z = self.sample_latents(n, self.step_generator("d"))
+        with torch.no_grad():
+            fake = self.generate(z)
+        d_loss, d_logs = self.discriminator_loss(real, fake.detach())
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(d_loss)
+        opt_d.step()
+        if self.loss_name == "wgan-clip":
+            with torch.no_grad():
+                for p in self.discriminator_parameters():
+                    p.clamp_(-self.clip_value, self.clip_value)
+        self.log("train/d_loss", d_loss.detach(), prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        for k, v in d_logs.items():
+            self.log(f"train/{k}", v, on_step=False, on_epoch=True, sync_dist=True)
+
+        if int(self.gan_step) % self.n_critic == 0:
+            z = self.sample_latents(n, self.step_generator("g"))
+            g_loss, g_logs = self.generator_loss(self.generate(z), real)
+            opt_g.zero_grad(set_to_none=True)
+            self.manual_backward(g_loss)
+            opt_g.step()
+            self.update_ema()
+            self.log("train/g_loss", g_loss.detach(), prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+            for k, v in g_logs.items():
+                self.log(f"train/{k}", v, on_step=False, on_epoch=True, sync_dist=True)
+        self.gan_step += 1
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """``θ_ema <- d θ_ema + (1 - d) θ`` (buffers such as BN statistics are copied)."""
+        if self.generator_ema is None or self.ema_decay is None:
+            return
+        for p_ema, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - self.ema_decay)
+        for b_ema, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
+            b_ema.copy_(b)
+
+    def configure_optimizers(self) -> Any:
+        opt_g = self.generator_optimizer_factory(self.generator_parameters())
+        opt_d = self.discriminator_optimizer_factory(self.discriminator_parameters())
+        return [opt_g, opt_d]
