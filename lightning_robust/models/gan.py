@@ -120,6 +120,9 @@ class GAN(pl.LightningModule):
         >>> images = gan.sample(16)
     """
 
+    fixed_latents: torch.Tensor
+    gan_step: torch.Tensor
+
     def __init__(
         self,
         generator: nn.Module,
@@ -204,8 +207,10 @@ class GAN(pl.LightningModule):
     def sample(self, n: int | None = None, z: torch.Tensor | None = None, use_ema: bool = True) -> torch.Tensor:
         """Samples from the (EMA) generator in eval mode: ``z`` given, else the first ``n`` fixed latents."""
         if z is None:
-            z = self.fixed_latents if n is None or n <= len(self.fixed_latents) else self.sample_latents(n)
-            z = z[: n or len(z)]
+            if n is None or n <= len(self.fixed_latents):
+                z = self.fixed_latents[: n or len(self.fixed_latents)]
+            else:
+                z = self.sample_latents(n)
         net = self.generator_ema if (use_ema and self.generator_ema is not None) else self.generator
         was_training = net.training
         net.eval()
@@ -241,7 +246,7 @@ class GAN(pl.LightningModule):
         return batch if torch.is_tensor(batch) else split_batch(batch).x
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        opt_g, opt_d = self.optimizers()  # type: ignore[misc]
+        opt_g, opt_d = self.optimizers()  # type: ignore[misc, attr-defined]
         real = self.real_from_batch(batch)
         n = real.shape[0]
 
