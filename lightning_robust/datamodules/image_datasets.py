@@ -49,19 +49,21 @@ def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Gen
     """
     if pad <= 0 and not flip:
         return x
-    B, _, H, W = x.shape
-    if pad > 0:
-        padded = F.pad(x, (pad, pad, pad, pad))
-        i = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
-        j = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
-        rows = (i[:, None] + torch.arange(H))[:, :, None]  # [B, H, 1]
-        cols = (j[:, None] + torch.arange(W))[:, None, :]  # [B, 1, W]
-        # Advanced indexing on dims 0, 2, 3 puts the broadcast [B, H, W] first and channels last.
-        x = padded[torch.arange(B)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    pad = max(pad, 0)
+    B, C, H, W = x.shape
+    src = F.pad(x, (pad, pad, pad, pad)) if pad > 0 else x
+    Wp = W + 2 * pad
+    i = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    j = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    cols = torch.arange(W).expand(B, W)
     if flip:
-        mask = torch.rand(B, generator=generator) < 0.5
-        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
-    return x.contiguous()
+        flipped = torch.rand(B, generator=generator) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(-1), cols)
+    # One gather over the flattened padded image does crop and flip together; it is much cheaper than
+    # advanced indexing, whose thread-pool start-up dominates on small batches.
+    flat = (i[:, None, None] + torch.arange(H)[None, :, None]) * Wp + (j[:, None, None] + cols[:, None, :])
+    index = flat.reshape(B, 1, H * W).expand(B, C, H * W)
+    return src.flatten(2).gather(2, index).view(B, C, H, W)
 
 
 def resize_uint8(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
@@ -161,7 +163,8 @@ class TensorImageDataset(Dataset):
         return int(self.images.shape[0])
 
     def _batch(self, idx: torch.Tensor) -> torch.Tensor:
-        x = random_crop_flip(self.images[idx], self.pad, self.flip)
+        # index_select, not images[idx]: see random_crop_flip on advanced indexing's overhead.
+        x = random_crop_flip(self.images.index_select(0, idx), self.pad, self.flip)
         return x.float().div_(255.0)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
@@ -172,7 +175,7 @@ class TensorImageDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, Any]]:
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self._batch(idx)
-        y = self.targets[idx]
+        y = self.targets.index_select(0, idx)
         ys = y.tolist() if y.ndim == 1 else list(y.unbind(0))
         return list(zip(x.unbind(0), ys))
 
@@ -184,7 +187,8 @@ class TensorImageDataset(Dataset):
 
     def select(self, indices: torch.Tensor, targets: torch.Tensor | None = None) -> TensorImageDataset:
         """A new dataset of the given samples (optionally relabelled)."""
-        return TensorImageDataset(self.images[indices], self.targets[indices] if targets is None else targets,
+        return TensorImageDataset(self.images.index_select(0, indices),
+                                  self.targets.index_select(0, indices) if targets is None else targets,
                                   self.pad, self.flip)
 
 
