@@ -17,11 +17,20 @@ from lightning_robust.datamodules.integrity import DataIntegrityError, DatasetNo
 from lightning_robust.datamodules.vision import LoadedDataset, VisionDataModule, manifest_dirs
 from lightning_robust.utils.validation import check_positive_int
 
-__all__ = ["CelebADataModule"]
+__all__ = ["CELEBA_ATTRIBUTES", "CelebADataModule"]
 
 _IMAGES = "img_align_celeba"
 _ZIP = "img_align_celeba.zip"
 _PARTITION = {"train": 0, "val": 1, "test": 2}
+#: The 40 attributes of ``list_attr_celeba.txt``, in file order.
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
+    "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses",
+    "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
+    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks",
+    "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick",
+    "Wearing_Necklace", "Wearing_Necktie", "Young",
+)
 
 
 def _torchvision_file_list() -> list[tuple[str, str, str]]:
@@ -61,7 +70,8 @@ class CelebADataModule(VisionDataModule):
         augment: random horizontal flips on the training view.
         crop_size: side of the centre crop taken before resizing (``None``: no crop, resize the whole image
             to a square).
-        target: ``"attr"`` (the 40 attributes as a 0/1 vector), ``"identity"`` (identity number), ``"none"``
+        target: ``"attr"`` (the 40 attributes as a 0/1 vector), ``"identity"`` (identity number - 1, so that
+            labels start at 0), ``"none"``
             (always 0: unconditional GANs) or an attribute name such as ``"Smiling"`` (a 2-class label:
             0 = without, 1 = with; classes and proportions then apply, e.g. imbalanced mixtures).
         official_val: use the official validation partition (else ``val_fraction`` of the train partition).
@@ -111,8 +121,9 @@ class CelebADataModule(VisionDataModule):
         with_index: bool = False,
         drop_last: bool = False,
     ) -> None:
-        if not isinstance(target, str) or not target:
-            raise ValueError(f"target must be 'attr', 'identity', 'none' or an attribute name, got {target!r}")
+        if target not in ("attr", "identity", "none", *CELEBA_ATTRIBUTES):
+            raise ValueError(f"target must be 'attr', 'identity', 'none' or one of CelebA's 40 attributes "
+                             f"({', '.join(CELEBA_ATTRIBUTES)}), got {target!r}")
         self.target = target
         super().__init__(root, download, verify, checksums, image_size, channels, augment, classes,
                          class_proportions, test_proportions, proportions_seed, batch_size, eval_batch_size,
@@ -199,13 +210,12 @@ class CelebADataModule(VisionDataModule):
                                      f"{row + 1}; {len(part_files)} vs {len(files)} rows)")
         ann: dict[str, Any] = {"files": files, "attrs": attrs, "parts": parts}
         if self.target == "identity":
-            id_files, ids = read_celeba_column(paths[2])
+            id_files, ids = read_celeba_column(paths[2], allowed=range(1, 10178))
             if id_files != files:
                 raise DataIntegrityError(f"{paths[2]} and {paths[0]} list different images")
             ann["identity"] = ids
         if self.single_attribute and self.target not in attr_names:
-            raise ValueError(f"target must be 'attr', 'identity', 'none' or one of the attributes {attr_names}, "
-                             f"got {self.target!r}")
+            raise DataIntegrityError(f"{paths[0]} has no attribute {self.target!r} (it lists {attr_names})")
         present = set(os.listdir(folder / _IMAGES))
         absent = [f for f in files if f not in present]
         if absent:
@@ -231,7 +241,7 @@ class CelebADataModule(VisionDataModule):
         if self.target == "attr":
             targets = torch.from_numpy(ann["attrs"][rows].astype(np.int64))
         elif self.target == "identity":
-            targets = torch.from_numpy(ann["identity"][rows])
+            targets = torch.from_numpy(ann["identity"][rows] - 1)  # the file counts from 1
         elif self.target == "none":
             targets = torch.zeros(len(rows), dtype=torch.long)
         else:

@@ -60,8 +60,8 @@ def blend_mnist_m(digits: np.ndarray, backgrounds: Sequence[np.ndarray], rng: np
 
 
 def build_mnist_m(mnist_root: str | Path, backgrounds: str | Path, out_root: str | Path, seed: int = 0,
-                  binarize: bool = False, splits: Sequence[str] = ("train", "test"),
-                  limit: int | None = None) -> Path:
+                  binarize: bool = False, splits: Sequence[str] = ("train", "test"), limit: int | None = None,
+                  verify: bool = True, checksums: str | None = None) -> Path:
     """Build MNIST-M from MNIST and a folder of colour photos, in the distributed layout.
 
     The original MNIST-M used the BSDS500 training photos (``BSR/BSDS500/data/images/train/*.jpg`` of
@@ -79,6 +79,7 @@ def build_mnist_m(mnist_root: str | Path, backgrounds: str | Path, out_root: str
         binarize: see :func:`blend_mnist_m`.
         splits: MNIST splits to convert.
         limit: convert only the first ``limit`` digits of each split (for quick trials).
+        verify, checksums: how MNIST is verified (see :func:`~lightning_robust.datamodules.mnist.read_mnist`).
 
     Returns:
         The ``mnist_m`` folder.
@@ -97,7 +98,7 @@ def build_mnist_m(mnist_root: str | Path, backgrounds: str | Path, out_root: str
     folder = Path(out_root) / _FOLDER
     rng = np.random.default_rng(seed)
     for split in splits:
-        x, y = read_mnist(mnist_root, split)
+        x, y = read_mnist(mnist_root, split, verify=verify, checksums=checksums)
         if limit is not None:
             x, y = x[:limit], y[:limit]
         images = blend_mnist_m(x, bgs, rng, binarize)
