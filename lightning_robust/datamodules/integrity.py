@@ -238,8 +238,9 @@ def extract_archive_once(archive: str | Path, dest_parent: str | Path, top: str)
                 with tarfile.open(archive) as tf:
                     tf.extractall(tmp, filter="data")
         except _ARCHIVE_ERRORS as err:
-            raise DataIntegrityError(f"{archive}: cannot extract the archive ({type(err).__name__}: {err}); "
-                                     "it is corrupted, truncated or holds unsafe members - delete it and download it again") from err
+            raise DataIntegrityError(f"{archive}: cannot extract the archive ({type(err).__name__}: {err}); it is "
+                                     "corrupted, truncated or holds unsafe members - delete it and download it again"
+                                     ) from err
         src = tmp / top
         if not src.is_dir():
             found = sorted(p.name for p in tmp.iterdir())[:5]

@@ -26,7 +26,7 @@ def _dm(info, **kw):
 
 def _torchvision_reference(folder, split, target_type, transform):
     class TinyCelebA(torchvision.datasets.CelebA):
-        file_list = [(fid, md5sum(folder / name) if (folder / name).is_file() else md5, name)
+        file_list = [(fid, md5sum(folder / name) if (folder / name).is_file() else md5, name)  # noqa: RUF012
                      for fid, md5, name in torchvision.datasets.CelebA.file_list]
 
     return TinyCelebA(str(folder.parent), split=split, target_type=target_type, transform=transform)

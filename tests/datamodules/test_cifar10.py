@@ -30,9 +30,9 @@ def _torchvision_reference(folder, train):
     """torchvision's CIFAR10 reading our files (its MD5 table pointed at the tiny files)."""
 
     class TinyCIFAR10(torchvision.datasets.CIFAR10):
-        train_list = [[f"data_batch_{i}", md5sum(folder / f"data_batch_{i}")] for i in range(1, 6)]
-        test_list = [["test_batch", md5sum(folder / "test_batch")]]
-        meta = {"filename": "batches.meta", "key": "label_names", "md5": md5sum(folder / "batches.meta")}
+        train_list = [[f"data_batch_{i}", md5sum(folder / f"data_batch_{i}")] for i in range(1, 6)]  # noqa: RUF012
+        test_list = [["test_batch", md5sum(folder / "test_batch")]]  # noqa: RUF012
+        meta = {"filename": "batches.meta", "key": "label_names", "md5": md5sum(folder / "batches.meta")}  # noqa: RUF012
 
     return TinyCIFAR10(str(folder.parent), train=train, transform=TF.to_tensor)
 
@@ -51,7 +51,7 @@ def test_matches_torchvision_reader(cifar):
     idx = torch.tensor(dm.train_dataset.indices)
     x, y = _stack(dm.train_dataset)
     assert torch.equal(x, rx[idx]) and torch.equal(y, ry[idx])
-    vx, vy = _stack(dm.val_dataset)
+    vx, _ = _stack(dm.val_dataset)
     assert torch.equal(vx, rx[torch.tensor(dm.val_dataset.indices)])
     assert sorted(dm.train_dataset.indices + dm.val_dataset.indices) == list(range(100))
     tx, ty = _stack(dm.test_dataset)

@@ -56,7 +56,7 @@ def test_checksum_sources_and_precedence(tmp_path):
     # An official checksum wins over a local manifest: a local file cannot vouch for a modified release.
     assert table.expected(f) == ("0" * 32, "official checksum of the published release")
     assert table.expected(g)[0] == md5sum(g)
-    with pytest.raises(DataIntegrityError, match="data_batch_1: checksum mismatch .*official checksum"):
+    with pytest.raises(DataIntegrityError, match=r"data_batch_1: checksum mismatch .*official checksum"):
         verify_checksums([f, g], table)
     # An explicit manifest replaces the official table (for re-packed copies and test files).
     explicit = ChecksumTable(official, tmp_path / "MD5SUMS", [tmp_path])
@@ -101,7 +101,7 @@ def test_extract_is_atomic_idempotent_and_safe(tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["top"]
     # Members escaping the destination are refused by the "data" filter.
     evil = _tar_with(tmp_path, {"top/ok.txt": b"1", "../escape.txt": b"2"}, "evil.tar.gz")
-    with pytest.raises(DataIntegrityError, match="evil.tar.gz: cannot extract the archive .*outside the destination"):
+    with pytest.raises(DataIntegrityError, match=r"evil.tar.gz: cannot extract the archive .*outside the destination"):
         extract_archive_once(evil, tmp_path / "evil", "top")
     assert not (tmp_path / "escape.txt").exists()
     with pytest.raises(DataIntegrityError, match="expected a top-level folder 'other/'"):

@@ -44,7 +44,7 @@ def test_three_channels_resize_and_augment(tmp_path):
     x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (8, 3, 32, 32) and torch.equal(x[:, 0], x[:, 2])
     tx = dm.test_dataset[0][0]
-    assert tx.shape == (3, 32, 32) and 0 <= float(tx.min()) and float(tx.max()) <= 1
+    assert tx.shape == (3, 32, 32) and float(tx.min()) >= 0 and float(tx.max()) <= 1
     assert dm.input_shape == (3, 32, 32)
 
 
@@ -75,7 +75,7 @@ def test_structural_errors_without_checksums(tmp_path):
         MNISTDataModule(str(tmp_path), verify=False).setup("fit")
     write_mnist(tmp_path, gz=False, manifest=False)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(29, np.uint8)))
-    with pytest.raises(DataIntegrityError, match="holds 30 images but .*t10k-labels-idx1-ubyte holds 29 labels"):
+    with pytest.raises(DataIntegrityError, match=r"holds 30 images but .*t10k-labels-idx1-ubyte holds 29 labels"):
         MNISTDataModule(str(tmp_path), verify=False).setup("test")
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.full(30, 12, np.uint8)))
     with pytest.raises(DataIntegrityError, match=r"labels must lie in 0..9, found 12"):
@@ -108,7 +108,7 @@ def test_real_mnist_test_set(shared_data, tmp_path):
     assert torch.bincount(ys, minlength=10).tolist() == MNIST_TEST_COUNTS
 
     # Images equal torchvision's reader on a decompressed copy.
-    x, y = read_mnist(raw, "test")
+    x, _ = read_mnist(raw, "test")
     (tmp_path / "x").write_bytes(gzip.decompress((raw / "t10k-images-idx3-ubyte.gz").read_bytes()))
     assert np.array_equal(x, read_image_file(str(tmp_path / "x")).numpy()) and x.shape == (10_000, 28, 28)
     assert np.array_equal(dm.test_dataset.images[:, 0].numpy(), x)

@@ -111,5 +111,5 @@ def test_tar_extracted_once(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="domain must be one of"):
         VisDADataModule(domain="synthetic")
-    with pytest.raises(ValueError, match="classes must be distinct indices in 0..11 or names among"):
+    with pytest.raises(ValueError, match=r"classes must be distinct indices in 0\.\.11 or names among"):
         VisDADataModule(classes=["plane"])
