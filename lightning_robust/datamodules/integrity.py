@@ -207,6 +207,27 @@ def verify_checksums(paths: Iterable[str | Path], table: ChecksumTable, hint: st
     return checked
 
 
+def _extract_zip(archive: Path, dest: Path) -> None:
+    """Extract a zip member by member, refusing names that would land outside ``dest``.
+
+    The counterpart of tar's ``filter="data"``: absolute names and ``..`` components are errors, not
+    silently rewritten, so a tampered archive is reported rather than half-extracted somewhere else.
+    """
+    root = dest.resolve()
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            parts = Path(info.filename).parts
+            target = (dest / info.filename).resolve()
+            if Path(info.filename).is_absolute() or ".." in parts or not target.is_relative_to(root):
+                raise ValueError(f"member {info.filename!r} would be extracted outside the destination")
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+
+
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError)
 
 
@@ -216,8 +237,8 @@ def extract_archive_once(archive: str | Path, dest_parent: str | Path, top: str)
     Extraction goes to a private temporary folder beside the destination, which is then renamed into
     place: another process never sees a half-extracted folder, and if two processes race, the second
     rename fails harmlessly and the winner's copy is kept. Tar members are extracted with
-    ``filter="data"`` (no absolute paths, links out of the tree or device files); zip member names are
-    sanitised by :mod:`zipfile`.
+    ``filter="data"`` (no absolute paths, links out of the tree or device files); zip members whose names
+    would leave the destination are refused likewise.
 
     Returns:
         ``dest_parent / top``.
@@ -232,8 +253,7 @@ def extract_archive_once(archive: str | Path, dest_parent: str | Path, top: str)
     try:
         try:
             if zipfile.is_zipfile(archive):
-                with zipfile.ZipFile(archive) as zf:
-                    zf.extractall(tmp)
+                _extract_zip(archive, tmp)
             else:
                 with tarfile.open(archive) as tf:
                     tf.extractall(tmp, filter="data")

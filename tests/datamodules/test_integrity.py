@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import tarfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -109,6 +110,26 @@ def test_extract_is_atomic_idempotent_and_safe(tmp_path):
     truncate(arc, 0.5)
     with pytest.raises(DataIntegrityError, match="cannot extract the archive"):
         extract_archive_once(arc, tmp_path / "y", "top")
+
+
+def test_zip_extraction_is_checked(tmp_path):
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w") as zf:
+        zf.writestr("top/", "")
+        zf.writestr("top/x/a.bin", b"payload")
+    assert (extract_archive_once(good, tmp_path / "g", "top") / "x" / "a.bin").read_bytes() == b"payload"
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("top/a.bin", b"1")
+        zf.writestr("top/../../escape.bin", b"2")
+    with pytest.raises(DataIntegrityError, match=r"evil.zip: cannot extract .*outside the destination"):
+        extract_archive_once(evil, tmp_path / "e", "top")
+    assert not (tmp_path / "escape.bin").exists() and not (tmp_path / "e" / "top").exists()
+    data = bytearray(good.read_bytes())
+    data[data.index(b"payload")] ^= 0xFF  # the stored member no longer matches its CRC
+    good.write_bytes(bytes(data))
+    with pytest.raises(DataIntegrityError, match=r"good.zip: cannot extract the archive \(BadZipFile"):
+        extract_archive_once(good, tmp_path / "h", "top")
 
 
 def test_read_idx_matches_numpy_and_detects_damage(tmp_path):
