@@ -1,14 +1,49 @@
 """One LightningDataModule per data set, all on :class:`RobustDataModule`."""
 
 from lightning_robust.datamodules.base import IndexedDataset, RobustDataModule
+from lightning_robust.datamodules.celeba import CelebADataModule
+from lightning_robust.datamodules.cifar10 import CIFAR10DataModule
 from lightning_robust.datamodules.digits import DigitsDataModule, load_digits_tensors
 from lightning_robust.datamodules.gaussian_mixture import GaussianMixtureDataModule, grid_mixture
+from lightning_robust.datamodules.image_datasets import (
+    ImageFileDataset,
+    TensorImageDataset,
+    proportional_subsample,
+    random_crop_flip,
+)
+from lightning_robust.datamodules.integrity import (
+    DataIntegrityError,
+    DatasetNotFoundError,
+    read_checksum_manifest,
+    write_checksum_manifest,
+)
+from lightning_robust.datamodules.mnist import MNISTDataModule, read_mnist
+from lightning_robust.datamodules.mnist_m import MNISTMDataModule, blend_mnist_m, build_mnist_m
+from lightning_robust.datamodules.visda import VisDADataModule
+from lightning_robust.datamodules.vision import VisionDataModule
 
 __all__ = [
+    "CIFAR10DataModule",
+    "CelebADataModule",
+    "DataIntegrityError",
+    "DatasetNotFoundError",
     "DigitsDataModule",
     "GaussianMixtureDataModule",
+    "ImageFileDataset",
     "IndexedDataset",
+    "MNISTDataModule",
+    "MNISTMDataModule",
     "RobustDataModule",
+    "TensorImageDataset",
+    "VisDADataModule",
+    "VisionDataModule",
+    "blend_mnist_m",
+    "build_mnist_m",
     "grid_mixture",
     "load_digits_tensors",
+    "proportional_subsample",
+    "random_crop_flip",
+    "read_checksum_manifest",
+    "read_mnist",
+    "write_checksum_manifest",
 ]

@@ -54,6 +54,13 @@ class IndexedDataset(Dataset):
         x, y = self.dataset[index][:2]
         return x, y, index
 
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any, int]]:
+        # DataLoader fetches a whole batch through __getitems__ when the dataset has one; passing it on
+        # keeps batch-vectorised datasets (e.g. CIFAR-10's crop+flip) fast with ``with_index=True``.
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(list(indices)) if callable(getitems) else [self.dataset[i] for i in indices]
+        return [(item[0], item[1], int(i)) for item, i in zip(items, indices)]
+
 
 class RobustDataModule(pl.LightningDataModule):
     """Base DataModule: a training set split into train/val by seed, an optional test set, and loaders.
