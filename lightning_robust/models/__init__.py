@@ -1,5 +1,6 @@
 """LightningModules."""
 
 from lightning_robust.models.classifier import Classifier
+from lightning_robust.models.text_classifier import TextClassifier
 
-__all__ = ["Classifier"]
+__all__ = ["Classifier", "TextClassifier"]

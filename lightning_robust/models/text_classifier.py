@@ -168,12 +168,10 @@ class TextClassifier(Classifier):
             words = self.val_words if stage == "val" else self.test_words
             with torch.no_grad():
                 adv_acc(self(res.input_ids, mask), y)
+            # Updated even with nothing to add (an empty tensor): the epoch value is then NaN, not a warning.
             ok = res.clean_correct
-            if bool(ok.any()):
-                success.update(res.success[ok].float())
-            won = ok & res.success
-            if bool(won.any()):
-                words.update(res.num_changed[won].float())
+            success.update(res.success[ok].float())
+            words.update(res.num_changed[ok & res.success].float())
             self.log(f"{stage}/adv_acc", adv_acc, on_epoch=True)
             self.log(f"{stage}/attack_success", success, on_epoch=True)
             self.log(f"{stage}/words_changed", words, on_epoch=True)
