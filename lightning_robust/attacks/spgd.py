@@ -40,6 +40,7 @@ from lightning_robust.utils.validation import check_choice, check_non_negative, 
 __all__ = [
     "SPGD",
     "EmbeddingPGD",
+    "cached_neighbours",
     "nearest_tokens",
     "neighbour_directions",
     "project_onto_neighbours",
@@ -77,6 +78,44 @@ def neighbour_directions(embeddings: torch.Tensor, token_ids: torch.Tensor, k: i
     bad = (dist <= 1e-8) | ~allowed[nbr]
     dirs = dirs.masked_fill(bad.unsqueeze(-1), 0.0)
     dist = dist.masked_fill(bad, 0.0)
+    return nbr, dirs, dist
+
+
+# Neighbour lists depend only on the embedding table, which stays fixed while an attack runs and, with frozen word
+# vectors, across a whole training run. They are computed per token on first use and kept here, keyed by the
+# table's storage and in-place version counter (an optimizer step bumps it), so an Attack object itself stays a
+# plain bag of hyper-parameters. Only the most recent tables are kept.
+_CACHE: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
+_CACHE_SIZE = 2
+
+
+def _cache_for(embeddings: torch.Tensor, kind: str, k: int, allowed: torch.Tensor) -> dict[str, torch.Tensor]:
+    key = (kind, embeddings.data_ptr(), embeddings._version, tuple(embeddings.shape), str(embeddings.device),
+           embeddings.dtype, k, hash(tuple(allowed.logical_not().nonzero().flatten().tolist())))
+    entry = _CACHE.get(key)
+    if entry is None:
+        while len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        entry = _CACHE[key] = {"known": torch.zeros(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)}
+    return entry
+
+
+def cached_neighbours(embeddings: torch.Tensor, token_ids: torch.Tensor, k: int,
+                      allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`neighbour_directions` for unique ``token_ids``, computing only tokens not seen with this table."""
+    entry = _cache_for(embeddings, "nbr", k, allowed)
+    missing = token_ids[~entry["known"][token_ids]]
+    if missing.numel():
+        nbr, _, dist = neighbour_directions(embeddings, missing, k, allowed)
+        if "nbr" not in entry:
+            V = embeddings.shape[0]
+            entry["nbr"] = torch.zeros(V, nbr.shape[1], dtype=torch.long, device=embeddings.device)
+            entry["dist"] = torch.zeros(V, nbr.shape[1], dtype=embeddings.dtype, device=embeddings.device)
+        entry["nbr"][missing], entry["dist"][missing] = nbr, dist
+        entry["known"][missing] = True
+    nbr, dist = entry["nbr"][token_ids], entry["dist"][token_ids]
+    diff = embeddings[nbr] - embeddings[token_ids].unsqueeze(1)
+    dirs = (diff / dist.clamp_min(1e-12).unsqueeze(-1)).masked_fill((dist <= 0).unsqueeze(-1), 0.0)
     return nbr, dirs, dist
 
 
@@ -216,7 +255,7 @@ class SPGD(TextAttack):
     def prepare(self, embeddings: torch.Tensor, input_ids: torch.Tensor, free: torch.Tensor,
                 allowed: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:
         uniq, inverse = torch.unique(input_ids[free], return_inverse=True)
-        nbr, dirs, dist = neighbour_directions(embeddings, uniq, self.num_neighbours, allowed)
+        nbr, dirs, dist = cached_neighbours(embeddings, uniq, self.num_neighbours, allowed)
         return {"nbr": nbr[inverse], "dirs": dirs[inverse], "dist": dist[inverse]}
 
     def _project_full(self, r: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,11 +335,17 @@ class EmbeddingPGD(TextAttack):
         # token before its perturbation is half that long, which spares most of the nearest-token searches.
         uniq, inverse = torch.unique(input_ids[free], return_inverse=True)
         E = embeddings
-        d2 = (E[uniq] * E[uniq]).sum(1, keepdim=True) - 2 * E[uniq] @ E.T + (E * E).sum(1).unsqueeze(0)
-        d2 = d2.masked_fill(~allowed.unsqueeze(0), float("inf"))
-        d2[torch.arange(len(uniq), device=E.device), uniq] = float("inf")
-        nn_dist = d2.clamp_min(0).min(dim=1).values.sqrt()
-        return {"nn_dist": nn_dist[inverse]}
+        entry = _cache_for(E, "nn_dist", 1, allowed)
+        missing = uniq[~entry["known"][uniq]]
+        if missing.numel():
+            d2 = (E[missing] * E[missing]).sum(1, keepdim=True) - 2 * E[missing] @ E.T + (E * E).sum(1).unsqueeze(0)
+            d2 = d2.masked_fill(~allowed.unsqueeze(0), float("inf"))
+            d2[torch.arange(len(missing), device=E.device), missing] = float("inf")
+            if "nn_dist" not in entry:
+                entry["nn_dist"] = torch.zeros(E.shape[0], dtype=E.dtype, device=E.device)
+            entry["nn_dist"][missing] = d2.clamp_min(0).min(dim=1).values.sqrt()
+            entry["known"][missing] = True
+        return {"nn_dist": entry["nn_dist"][uniq][inverse]}
 
     def project(self, r: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
         r = r * ctx["free"].unsqueeze(-1)

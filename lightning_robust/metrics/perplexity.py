@@ -128,12 +128,14 @@ def _word_level_tokenizer(vocab: WordVocabulary) -> Any:
 
 def train_causal_lm(texts: Sequence[str], out_dir: str | Path, vocab_size: int = 20000, max_length: int = 128,
                     n_layer: int = 2, n_embd: int = 128, n_head: int = 4, steps: int = 1000, batch_size: int = 32,
-                    lr: float = 3e-3, seed: int = 0, log_every: int = 0) -> Path:
+                    lr: float = 3e-3, seed: int = 0, vocabulary: WordVocabulary | None = None,
+                    log_every: int = 0) -> Path:
     """Train a small GPT-2 language model from scratch on ``texts`` and ``save_pretrained`` it into ``out_dir``.
 
-    The tokenizer is word level (the ``vocab_size`` most frequent :func:`basic_tokenize` tokens of ``texts``),
-    so its per-token perplexity is the per-word perplexity. Each step draws a batch of random windows of
-    ``max_length`` tokens from the concatenated, ``<bos>``-separated texts; AdamW with a linear decay.
+    The tokenizer is word level (the ``vocab_size`` most frequent :func:`basic_tokenize` tokens of ``texts``, or
+    the given ``vocabulary``, e.g. the classifier's, so that every word an attack can produce is in the LM's
+    vocabulary), so its per-token perplexity is the per-word perplexity. Each step draws a batch of random
+    windows of ``max_length`` tokens from the concatenated, ``<bos>``-separated texts; AdamW, linear decay.
 
     Returns:
         ``out_dir``, loadable with :func:`load_causal_lm`.
@@ -144,7 +146,7 @@ def train_causal_lm(texts: Sequence[str], out_dir: str | Path, vocab_size: int =
     check_positive_int("max_length", max_length, minimum=2)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    vocab = WordVocabulary.build(texts, max_size=vocab_size)
+    vocab = vocabulary if vocabulary is not None else WordVocabulary.build(texts, max_size=vocab_size)
     tokenizer = _word_level_tokenizer(vocab)
     bos = tokenizer.bos_token_id
     stream: list[int] = []

@@ -306,3 +306,22 @@ def test_bad_inputs(call, err, match):
 def test_bad_arguments(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+def test_neighbour_cache_matches_and_follows_in_place_updates():
+    from lightning_robust.attacks.spgd import cached_neighbours
+
+    g = torch.Generator().manual_seed(5)
+    emb = nn.Embedding(60, 5)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(60, 5, generator=g))
+    allowed = torch.ones(60, dtype=torch.bool)
+    allowed[0] = False
+    for _ in range(2):  # the second pass is served from the cache
+        for tokens in (torch.tensor([3, 7, 11]), torch.tensor([7, 20, 3, 41])):
+            E = emb.weight.detach()
+            got = cached_neighbours(E, tokens, 4, allowed)
+            want = neighbour_directions(E, tokens, 4, allowed)
+            assert all(torch.allclose(a.float(), b.float(), atol=1e-6) for a, b in zip(got, want))
+        with torch.no_grad():  # an optimizer-style in-place step must invalidate the cached neighbours
+            emb.weight.mul_(torch.rand(60, 1, generator=g) + 0.5).add_(0.3 * torch.randn(60, 5, generator=g))
