@@ -83,10 +83,11 @@ def run(ctx: DemoContext, report: Report) -> None:
         s = res.summary()
         rows.append([name, f"{s['success_rate']:.2f}", f"{s['words_changed']:.1f}",
                      f"{100 * s['fraction_changed']:.1f}%"])
+    n_tr, n_te = (len(d) for d in (dm.train_dataset, dm.test_dataset))  # type: ignore[arg-type]
     report.text(sec, (
         f"A Kim-style CNN over frozen GloVe-50d vectors (offline package), trained with `TextClassifier` on "
-        f"{len(dm.train_dataset)} IMDB reviews (first {max_len} tokens) for {epochs} epochs: test accuracy "
-        f"{test_acc:.3f} on {len(dm.test_dataset)} held-out reviews. Both attacks then attack those reviews in "
+        f"{n_tr} IMDB reviews (first {max_len} tokens) for {epochs} epochs: test accuracy "
+        f"{test_acc:.3f} on {n_te} held-out reviews. Both attacks then attack those reviews in "
         "embedding space for 15 steps and map back to real words. SPGD (Barham & Feizi, arXiv 1905.12864) moves each "
         "word only toward one of its 10 nearest GloVe neighbours and keeps at most 3 words per review; the baseline "
         "perturbs every word within an L2 ball and rounds each to its nearest word. Success rate is over correctly "
