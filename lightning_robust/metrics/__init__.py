@@ -1,4 +1,4 @@
-"""metrics (filled in by later issues)."""
+"""Metrics: text-attack evaluation (per-word perplexity under a causal LM, attack statistics); more by later issues."""
 
 from lightning_robust.metrics.perplexity import (
     evaluate_text_attack,
