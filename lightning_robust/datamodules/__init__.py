@@ -11,6 +11,7 @@ from lightning_robust.datamodules.image_datasets import (
     proportional_subsample,
     random_crop_flip,
 )
+from lightning_robust.datamodules.imdb import IMDBDataModule, PadCollate, TokenizedTextDataset, read_imdb, safe_extract
 from lightning_robust.datamodules.integrity import (
     DataIntegrityError,
     DatasetNotFoundError,
@@ -29,12 +30,15 @@ __all__ = [
     "DatasetNotFoundError",
     "DigitsDataModule",
     "GaussianMixtureDataModule",
+    "IMDBDataModule",
     "ImageFileDataset",
     "IndexedDataset",
     "MNISTDataModule",
     "MNISTMDataModule",
+    "PadCollate",
     "RobustDataModule",
     "TensorImageDataset",
+    "TokenizedTextDataset",
     "VisDADataModule",
     "VisionDataModule",
     "blend_mnist_m",
@@ -44,6 +48,8 @@ __all__ = [
     "proportional_subsample",
     "random_crop_flip",
     "read_checksum_manifest",
+    "read_imdb",
     "read_mnist",
+    "safe_extract",
     "write_checksum_manifest",
 ]

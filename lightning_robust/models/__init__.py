@@ -2,5 +2,10 @@
 
 from lightning_robust.models.classifier import Classifier
 from lightning_robust.models.gan import GAN
+from lightning_robust.models.text_classifier import TextClassifier
 
-__all__ = ["Classifier", "GAN"]
+__all__ = [
+    "Classifier",
+    "GAN",
+    "TextClassifier",
+]

@@ -6,6 +6,7 @@ from lightning_robust.nets.normalize import Normalize
 from lightning_robust.nets.registry import available_nets, build_net, register_net
 from lightning_robust.nets.resnet import ResNet18, ResNet32
 from lightning_robust.nets.small_cnn import SmallCNN
+from lightning_robust.nets.text import TransformerClassifier, WordVectorClassifier
 from lightning_robust.nets.wide_resnet import WideResNet
 
 for _name, _factory in {
@@ -14,7 +15,9 @@ for _name, _factory in {
     "resnet18": ResNet18,
     "resnet32": ResNet32,
     "small_cnn": SmallCNN,
+    "transformer_classifier": TransformerClassifier,
     "wide_resnet": WideResNet,
+    "word_vector_classifier": WordVectorClassifier,
 }.items():
     register_net(_name, _factory)
 
@@ -25,7 +28,9 @@ __all__ = [
     "ResNet18",
     "ResNet32",
     "SmallCNN",
+    "TransformerClassifier",
     "WideResNet",
+    "WordVectorClassifier",
     "available_nets",
     "build_net",
     "register_net",

@@ -1,0 +1,368 @@
+"""SPGD: sparse projected gradient descent for interpretable text adversarial examples
+(Barham & Feizi, "Interpretable Adversarial Training for Text", arXiv 1905.12864), and its baseline.
+
+SPGD perturbs word embeddings ``e_t = E[x_t]`` by ``r_t`` under two constraints:
+
+* **direction** (interpretability; after Sato et al. 2018's iAdvT-Text): each ``r_t`` must point from ``e_t``
+  toward one of its ``K`` nearest vocabulary embeddings by cosine similarity, ``d_tk = (E[v_k] - e_t) /
+  ||E[v_k] - e_t||``, and (here) go no farther than that neighbour: ``r_t = s_t d_tk``,
+  ``0 <= s_t <= ||E[v_k] - e_t||``.
+  The Euclidean projection onto this union of segments picks the neighbour whose direction has the highest
+  cosine similarity with ``r_t`` (exactly so when no segment is cut short), ``s_t = clamp(<r_t, d_tk>, 0, dist_tk)``;
+* **sentence-level sparsity**: word perturbations whose norm is below a threshold are dropped (relative to the
+  largest in the sentence by default), and at most ``max_words`` words keep one (the projection onto
+  ``max_words``-sparse sequences keeps the rows whose projection removes the most squared distance).
+
+Each PGD step ascends the sequence-normalised loss gradient and projects; the perturbed sequence maps back to
+tokens by replacing word ``t`` with its chosen neighbour once ``e_t + r_t`` is closer to the neighbour than to
+``e_t`` (``s_t > dist_tk / 2``): the nearest of the two ends of the segment. Adversarial training (the paper's
+"interpretable adversarial training") adds the loss at ``E[x] + r`` for the continuous SPGD perturbation ``r``.
+
+:class:`EmbeddingPGD` is the unconstrained baseline (Miyato et al. 2017's embedding-space perturbation, iterated):
+an L2 ball of radius ``eps`` (in units of the mean word-embedding norm) on the whole sequence's perturbation,
+each perturbed embedding rounded to its nearest vocabulary embedding (Euclidean).
+
+The paper evaluates with a pretrained LSTM on IMDB; no public code is known, so the details above that the
+abstract leaves open (the segment cap, the relative threshold, the rounding rule, the per-step token check of
+:class:`~lightning_robust.attacks.text.TextAttack`) are this implementation's choices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lightning_robust.attacks.text import TextAttack
+from lightning_robust.utils.validation import check_choice, check_non_negative, check_positive, check_positive_int
+
+__all__ = [
+    "SPGD",
+    "EmbeddingPGD",
+    "cached_neighbours",
+    "nearest_tokens",
+    "neighbour_directions",
+    "project_onto_neighbours",
+    "sparsify_words",
+]
+
+
+# ---- pure functions -----------------------------------------------------------------------------------
+def neighbour_directions(embeddings: torch.Tensor, token_ids: torch.Tensor, k: int,
+                         allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest vocabulary embeddings of each token by cosine similarity, and the unit directions to them.
+
+    Args:
+        embeddings: ``[V, D]`` table.
+        token_ids: ``[U]`` tokens whose neighbours to find.
+        k: neighbours per token (at most the number of allowed tokens other than itself).
+        allowed: ``[V]`` bool, tokens that may be neighbours (default all); a token is never its own
+            neighbour, nor is a token with the very same embedding.
+
+    Returns:
+        ``(neighbours [U, k], directions [U, k, D], distances [U, k])`` with ``directions = (E[n] - E[t]) / dist``.
+    """
+    V = embeddings.shape[0]
+    allowed = torch.ones(V, dtype=torch.bool, device=embeddings.device) if allowed is None else allowed
+    unit = embeddings / embeddings.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sims = unit[token_ids] @ unit.T  # [U, V]
+    sims = sims.masked_fill(~allowed.unsqueeze(0), float("-inf"))
+    sims[torch.arange(len(token_ids), device=sims.device), token_ids] = float("-inf")
+    k = min(k, max(int(allowed.sum()) - 1, 1))
+    _, nbr = sims.topk(k, dim=1)
+    diff = embeddings[nbr] - embeddings[token_ids].unsqueeze(1)  # [U, k, D]
+    dist = diff.norm(dim=-1)
+    dirs = diff / dist.clamp_min(1e-12).unsqueeze(-1)
+    # Exclude degenerate neighbours (same vector, or a disallowed token picked because too few were allowed).
+    bad = (dist <= 1e-8) | ~allowed[nbr]
+    dirs = dirs.masked_fill(bad.unsqueeze(-1), 0.0)
+    dist = dist.masked_fill(bad, 0.0)
+    return nbr, dirs, dist
+
+
+# Neighbour lists depend only on the embedding table, which stays fixed while an attack runs and, with frozen word
+# vectors, across a whole training run. They are computed per token on first use and kept here, keyed by the
+# table's storage and in-place version counter (an optimizer step bumps it), so an Attack object itself stays a
+# plain bag of hyper-parameters. Only the most recent tables are kept.
+_CACHE: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
+_CACHE_SIZE = 2
+
+
+def _cache_for(embeddings: torch.Tensor, kind: str, k: int, allowed: torch.Tensor) -> dict[str, torch.Tensor]:
+    key = (kind, embeddings.data_ptr(), embeddings._version, tuple(embeddings.shape), str(embeddings.device),
+           embeddings.dtype, k, hash(tuple(allowed.logical_not().nonzero().flatten().tolist())))
+    entry = _CACHE.get(key)
+    if entry is None:
+        while len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        entry = _CACHE[key] = {"known": torch.zeros(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)}
+    return entry
+
+
+def cached_neighbours(embeddings: torch.Tensor, token_ids: torch.Tensor, k: int,
+                      allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`neighbour_directions` for unique ``token_ids``, computing only tokens not seen with this table."""
+    entry = _cache_for(embeddings, "nbr", k, allowed)
+    missing = token_ids[~entry["known"][token_ids]]
+    if missing.numel():
+        nbr, _, dist = neighbour_directions(embeddings, missing, k, allowed)
+        if "nbr" not in entry:
+            V = embeddings.shape[0]
+            entry["nbr"] = torch.zeros(V, nbr.shape[1], dtype=torch.long, device=embeddings.device)
+            entry["dist"] = torch.zeros(V, nbr.shape[1], dtype=embeddings.dtype, device=embeddings.device)
+        entry["nbr"][missing], entry["dist"][missing] = nbr, dist
+        entry["known"][missing] = True
+    nbr, dist = entry["nbr"][token_ids], entry["dist"][token_ids]
+    diff = embeddings[nbr] - embeddings[token_ids].unsqueeze(1)
+    dirs = (diff / dist.clamp_min(1e-12).unsqueeze(-1)).masked_fill((dist <= 0).unsqueeze(-1), 0.0)
+    return nbr, dirs, dist
+
+
+def project_onto_neighbours(r: torch.Tensor, directions: torch.Tensor, distances: torch.Tensor | None = None,
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Euclidean projection of each row of ``r`` onto the union of segments ``{s d_k : 0 <= s <= dist_k}``.
+
+    ``||r - s d||^2 = ||r||^2 - (2 s <r, d> - s^2)``, so the best segment maximises the gain ``2 s a_k - s^2``
+    with ``s = clamp(a_k, 0, dist_k)``, ``a_k = <r, d_k>``; without caps (``distances=None``) that is the
+    direction of highest cosine similarity with ``r``, and the gain is ``max(a_k, 0)^2``.
+
+    Args:
+        r: ``[N, D]`` perturbations.
+        directions: ``[N, K, D]`` unit directions (zero rows = unavailable).
+        distances: ``[N, K]`` segment lengths, or ``None`` for rays.
+
+    Returns:
+        ``(projection [N, D], choice [N] in 0..K-1, length [N] = s, gain [N])``.
+    """
+    a = torch.einsum("nd,nkd->nk", r, directions)
+    s = a.clamp_min(0.0) if distances is None else torch.minimum(a.clamp_min(0.0), distances)
+    gain = 2 * s * a - s * s
+    best_gain, choice = gain.max(dim=1)
+    length = s.gather(1, choice.unsqueeze(1)).squeeze(1)
+    chosen = directions.gather(1, choice.view(-1, 1, 1).expand(-1, 1, directions.shape[-1])).squeeze(1)
+    return length.unsqueeze(1) * chosen, choice, length, best_gain
+
+
+def sparsify_words(norms: torch.Tensor, gains: torch.Tensor | None = None, threshold: float = 0.0,
+                   relative: bool = True, max_words: int | None = None) -> torch.Tensor:
+    """Which word perturbations survive the sentence-level sparsity constraint.
+
+    A word is kept when its perturbation norm is at least ``threshold`` (times the largest norm in its
+    sentence when ``relative``) and is nonzero, and when it ranks among the ``max_words`` words of its sentence
+    with the largest ``gains`` (default: the norms).
+
+    Args:
+        norms: ``[B, L]`` per-word perturbation norms (0 where nothing may change).
+        gains: ``[B, L]`` ranking scores for the ``max_words`` cap.
+        threshold: norm threshold (fraction of the sentence maximum when ``relative``).
+        relative: interpret ``threshold`` relative to each sentence's largest word norm.
+        max_words: at most this many words per sentence (``None``: no cap).
+
+    Returns:
+        ``[B, L]`` bool mask of kept words.
+    """
+    keep = norms > 0
+    if threshold > 0:
+        bar = threshold * norms.amax(dim=1, keepdim=True) if relative else torch.full_like(norms, threshold)
+        keep &= norms >= bar
+    if max_words is not None and max_words < norms.shape[1]:
+        score = (norms if gains is None else gains).masked_fill(~keep, float("-inf"))
+        top = score.topk(max_words, dim=1).indices
+        capped = torch.zeros_like(keep)
+        capped.scatter_(1, top, True)
+        keep &= capped
+    return keep
+
+
+def nearest_tokens(points: torch.Tensor, embeddings: torch.Tensor, original: torch.Tensor,
+                   allowed: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
+    """The allowed token whose embedding is nearest (Euclidean) to each point; ties keep ``original``.
+
+    Args:
+        points: ``[N, D]``; embeddings: ``[V, D]``; original: ``[N]`` the tokens the points started from;
+        allowed: ``[V]`` bool tokens that may be produced (the original always may).
+    """
+    out = original.clone()
+    E2 = (embeddings * embeddings).sum(1)
+    for lo in range(0, points.shape[0], chunk):
+        p = points[lo: lo + chunk]
+        d = E2.unsqueeze(0) - 2 * p @ embeddings.T  # ||p - e||^2 up to the row constant ||p||^2
+        if allowed is not None:
+            d = d.masked_fill(~allowed.unsqueeze(0), float("inf"))
+        best_d, best = d.min(dim=1)
+        orig = original[lo: lo + chunk]
+        d_orig = E2[orig] - 2 * (p * embeddings[orig]).sum(1)
+        out[lo: lo + chunk] = torch.where(best_d < d_orig - 1e-6 * d_orig.abs().clamp_min(1.0), best, orig)
+    return out
+
+
+# ---- attacks ------------------------------------------------------------------------------------------
+class SPGD(TextAttack):
+    """Sparse projected gradient descent for text (Barham & Feizi 2019, arXiv 1905.12864).
+
+    ``r <- P_sparse(P_dir(r + alpha s g/||g||))``: ``P_dir`` projects each word's perturbation onto the segments
+    toward its ``num_neighbours`` nearest embeddings by cosine similarity, ``P_sparse`` drops words below the
+    threshold and keeps at most ``max_words``; word ``t`` becomes its chosen neighbour once it is past the
+    segment's midpoint. See the module docstring for the details.
+
+    Args:
+        max_words: most words changed per sequence (``None``: no cap; only the threshold sparsifies).
+        threshold: norm threshold for keeping a word's perturbation.
+        threshold_mode: ``"relative"`` (fraction of the sentence's largest word perturbation) or ``"absolute"``
+            (embedding-space units).
+        num_neighbours: ``K``, candidate neighbours per word.
+        eps: optional L2 budget of the whole perturbation, in units of the mean word-embedding norm
+            (``None``: the per-word segments are the only bound).
+        steps, alpha, loss, targeted, model_mode, random_start, early_stop, protected_ids: see
+            :class:`~lightning_robust.attacks.text.TextAttack`.
+
+    Raises:
+        ValueError: on non-positive steps / alpha / neighbours / max_words, a negative threshold, a bad mode.
+
+    Example:
+        >>> spgd = SPGD(max_words=5, steps=20)
+        >>> res = spgd(net, batch["input_ids"], batch["labels"], batch["attention_mask"], tokenizer=dm.text_tokenizer)
+        >>> res.summary()["success_rate"], res.text[0]
+    """
+
+    def __init__(
+        self,
+        max_words: int | None = 5,
+        threshold: float = 0.5,
+        threshold_mode: str = "relative",
+        num_neighbours: int = 10,
+        eps: float | None = None,
+        steps: int = 20,
+        alpha: float = 0.25,
+        loss: str = "ce",
+        targeted: bool = False,
+        model_mode: str = "eval",
+        random_start: bool = False,
+        early_stop: bool = True,
+        protected_ids: Sequence[int] = (),
+    ) -> None:
+        super().__init__(steps=steps, alpha=alpha, loss=loss, targeted=targeted, model_mode=model_mode,
+                         random_start=random_start, early_stop=early_stop, protected_ids=protected_ids)
+        self.max_words = None if max_words is None else check_positive_int("max_words", max_words)
+        self.threshold = float(check_non_negative("threshold", threshold))
+        self.threshold_mode = check_choice("threshold_mode", threshold_mode, ("relative", "absolute"))
+        if threshold_mode == "relative" and threshold > 1:
+            raise ValueError(f"threshold must lie in [0, 1] with threshold_mode='relative', got {threshold!r}")
+        self.num_neighbours = check_positive_int("num_neighbours", num_neighbours)
+        self.eps = None if eps is None else float(check_positive("eps", eps))
+
+    def prepare(self, embeddings: torch.Tensor, input_ids: torch.Tensor, free: torch.Tensor,
+                allowed: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:
+        uniq, inverse = torch.unique(input_ids[free], return_inverse=True)
+        nbr, dirs, dist = cached_neighbours(embeddings, uniq, self.num_neighbours, allowed)
+        return {"nbr": nbr[inverse], "dirs": dirs[inverse], "dist": dist[inverse]}
+
+    def _project_full(self, r: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        free = ctx["free"]
+        out = torch.zeros_like(r)
+        choice_bl = torch.zeros(free.shape, dtype=torch.long, device=r.device)
+        if not bool(free.any()):
+            return out, choice_bl
+        proj, choice, length, gain = project_onto_neighbours(r[free], ctx["dirs"], ctx["dist"])
+        norms = torch.zeros(free.shape, dtype=r.dtype, device=r.device)
+        gains = torch.zeros_like(norms)
+        norms[free], gains[free] = length, gain
+        keep = sparsify_words(norms, gains, self.threshold, self.threshold_mode == "relative", self.max_words)
+        out[free] = proj
+        out = out * keep.unsqueeze(-1)
+        if self.eps is not None:
+            budget = self.eps * ctx["scale"]
+            n = out.flatten(1).norm(dim=1)
+            out = out * torch.where(n > budget, budget / n.clamp_min(1e-12), torch.ones_like(n)).view(-1, 1, 1)
+        choice_bl[free] = choice
+        return out, choice_bl
+
+    def project(self, r: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        return self._project_full(r, ctx)[0]
+
+    def round(self, r: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        # r is already projected: each kept row is s * d_k for one neighbour k; recover k and s.
+        free, ids = ctx["free"], ctx["input_ids"]
+        out = ids.clone()
+        if not bool(free.any()):
+            return out
+        rf = r[free]
+        a = torch.einsum("nd,nkd->nk", rf, ctx["dirs"])
+        length, k = a.max(dim=1)
+        dist = ctx["dist"].gather(1, k.unsqueeze(1)).squeeze(1)
+        cross = (length > dist / 2) & (dist > 0)
+        target = ctx["nbr"].gather(1, k.unsqueeze(1)).squeeze(1)
+        out[free] = torch.where(cross, target, ids[free])
+        return out
+
+
+class EmbeddingPGD(TextAttack):
+    """Unconstrained embedding-space PGD with nearest-neighbour rounding (the SPGD paper's baseline family).
+
+    ``r <- Proj_{||r||_2 <= eps s}(r + alpha s g/||g||)`` over the whole sequence (Miyato et al. 2017's
+    adversarial perturbation, iterated); every perturbed embedding is then replaced by the nearest vocabulary
+    embedding (Euclidean), which changes every word whose perturbation carried it past a neighbour.
+
+    Args:
+        eps: L2 budget of the sequence's perturbation, in units of the mean word-embedding norm.
+        steps, alpha, loss, targeted, model_mode, random_start, early_stop, protected_ids: see
+            :class:`~lightning_robust.attacks.text.TextAttack`.
+
+    Example:
+        >>> res = EmbeddingPGD(eps=2.0, steps=20)(net, ids, labels, mask)
+    """
+
+    def __init__(
+        self,
+        eps: float = 2.0,
+        steps: int = 20,
+        alpha: float = 0.25,
+        loss: str = "ce",
+        targeted: bool = False,
+        model_mode: str = "eval",
+        random_start: bool = False,
+        early_stop: bool = True,
+        protected_ids: Sequence[int] = (),
+    ) -> None:
+        super().__init__(steps=steps, alpha=alpha, loss=loss, targeted=targeted, model_mode=model_mode,
+                         random_start=random_start, early_stop=early_stop, protected_ids=protected_ids)
+        self.eps = float(check_positive("eps", eps))
+
+    def prepare(self, embeddings: torch.Tensor, input_ids: torch.Tensor, free: torch.Tensor,
+                allowed: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:
+        # Distance from each token to its nearest other allowed embedding: a word cannot round to another
+        # token before its perturbation is half that long, which spares most of the nearest-token searches.
+        uniq, inverse = torch.unique(input_ids[free], return_inverse=True)
+        E = embeddings
+        entry = _cache_for(E, "nn_dist", 1, allowed)
+        missing = uniq[~entry["known"][uniq]]
+        if missing.numel():
+            d2 = (E[missing] * E[missing]).sum(1, keepdim=True) - 2 * E[missing] @ E.T + (E * E).sum(1).unsqueeze(0)
+            d2 = d2.masked_fill(~allowed.unsqueeze(0), float("inf"))
+            d2[torch.arange(len(missing), device=E.device), missing] = float("inf")
+            if "nn_dist" not in entry:
+                entry["nn_dist"] = torch.zeros(E.shape[0], dtype=E.dtype, device=E.device)
+            entry["nn_dist"][missing] = d2.clamp_min(0).min(dim=1).values.sqrt()
+            entry["known"][missing] = True
+        return {"nn_dist": entry["nn_dist"][uniq][inverse]}
+
+    def project(self, r: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        r = r * ctx["free"].unsqueeze(-1)
+        budget = self.eps * ctx["scale"]
+        n = r.flatten(1).norm(dim=1)
+        return r * torch.where(n > budget, budget / n.clamp_min(1e-12), torch.ones_like(n)).view(-1, 1, 1)
+
+    def round(self, r: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        free, ids, E = ctx["free"], ctx["input_ids"], ctx["E"]
+        out = ids.clone()
+        if not bool(free.any()):
+            return out
+        rf = r[free]
+        may = rf.norm(dim=1) >= ctx["nn_dist"] / 2 - 1e-6
+        if bool(may.any()):
+            orig = ids[free]
+            new = orig.clone()
+            new[may] = nearest_tokens(E[orig[may]] + rf[may], E, orig[may], ctx["allowed"])
+            out[free] = new
+        return out

@@ -1,0 +1,228 @@
+"""Text evaluation of adversarial examples: per-word perplexity under a causal language model, and attack
+statistics over a data set (the evaluation protocol of SPGD, arXiv 1905.12864).
+
+* :func:`per_word_perplexity`: ``exp(-(1/W) sum_i log p(token_i | tokens_<i))`` per text, with ``W`` the number of
+  words (:func:`~lightning_robust.utils.text.basic_tokenize` tokens, punctuation included) rather than of model
+  tokens, so that models with different tokenizers are comparable; any ``AutoModelForCausalLM`` (name or local
+  folder), batched with padding that never changes a text's score.
+* :func:`train_causal_lm`: a small GPT-2 with a word-level tokenizer, trained from scratch on given texts and saved
+  with ``save_pretrained`` (no pretrained causal LM ships offline; this one is for relative comparisons).
+* :func:`evaluate_text_attack`: success rate, words changed and (optionally) perplexities over a dataloader.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_robust.attacks.text import TextAttack
+from lightning_robust.utils.text import TextTokenizer, WordVocabulary, basic_tokenize
+from lightning_robust.utils.validation import check_positive_int
+
+__all__ = ["evaluate_text_attack", "load_causal_lm", "per_word_perplexity", "train_causal_lm"]
+
+
+def load_causal_lm(name_or_path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from a Hugging Face name or a local folder (``save_pretrained`` output), in eval mode.
+
+    A tokenizer without a pad token gets its EOS (or UNK) token as padding (padding is masked anyway).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model: nn.Module = AutoModelForCausalLM.from_pretrained(str(name_or_path))
+    return model.to(device).eval(), tokenizer
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+@torch.no_grad()
+def per_word_perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 16,
+                        max_length: int | None = None) -> torch.Tensor:
+    """Per-word perplexity of each text under a causal LM: ``exp(NLL(text) / #words)``.
+
+    The text is tokenized without special tokens, the tokenizer's BOS token (when it has one) is prepended so
+    that the first token is scored too, and texts longer than ``max_length`` tokens (default: the model's
+    context) are scored on their first ``max_length`` tokens, counting the words of that part.
+
+    Args:
+        model: an ``AutoModelForCausalLM`` (returns ``.logits`` [B, T, V]).
+        tokenizer: its tokenizer.
+        texts: the texts.
+        batch_size: texts per forward pass (right padding, masked; the result does not depend on it).
+        max_length: token limit per text (BOS included).
+
+    Returns:
+        ``[N]`` float64 perplexities (``nan`` for a text with no word).
+    """
+    check_positive_int("batch_size", batch_size)
+    device = next(model.parameters()).device
+    limit = max_length or _max_positions(model) or 1024
+    bos = getattr(tokenizer, "bos_token_id", None)
+    out = torch.full((len(texts),), float("nan"), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for lo in range(0, len(texts), batch_size):
+            rows, words = [], []
+            for text in texts[lo: lo + batch_size]:
+                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+                if bos is not None:
+                    ids = [int(bos), *ids]
+                truncated = len(ids) > limit
+                ids = ids[:limit]
+                scored = tokenizer.decode(ids[1:] if bos is not None else ids) if truncated else text
+                rows.append(ids)
+                words.append(len(basic_tokenize(scored)))
+            T = max(len(r) for r in rows)
+            batch = torch.zeros(len(rows), T, dtype=torch.long)
+            mask = torch.zeros(len(rows), T, dtype=torch.long)
+            for i, r in enumerate(rows):
+                batch[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            batch, mask = batch.to(device), mask.to(device)
+            logits = model(input_ids=batch, attention_mask=mask).logits.float()
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
+            nll = (nll * mask[:, 1:]).sum(1).double().cpu()
+            for i, (n, w) in enumerate(zip(nll.tolist(), words)):
+                out[lo + i] = math.exp(n / w) if w > 0 else float("nan")
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _word_level_tokenizer(vocab: WordVocabulary) -> Any:
+    """A ``PreTrainedTokenizerFast`` splitting text exactly like :func:`basic_tokenize`, over ``vocab``."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [*vocab.words, "<bos>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"<[bB][rR]\s*/?>"), " "),
+                                           normalizers.Lowercase()])
+    pattern = r"[a-z0-9]+(?=n't)|n't|'[a-z]+|[a-z0-9]+|[^\sa-z0-9]"
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Split(Regex(pattern), behavior="isolated")])
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<bos>")
+
+
+def train_causal_lm(texts: Sequence[str], out_dir: str | Path, vocab_size: int = 20000, max_length: int = 128,
+                    n_layer: int = 2, n_embd: int = 128, n_head: int = 4, steps: int = 1000, batch_size: int = 32,
+                    lr: float = 3e-3, seed: int = 0, vocabulary: WordVocabulary | None = None,
+                    log_every: int = 0) -> Path:
+    """Train a small GPT-2 language model from scratch on ``texts`` and ``save_pretrained`` it into ``out_dir``.
+
+    The tokenizer is word level (the ``vocab_size`` most frequent :func:`basic_tokenize` tokens of ``texts``, or
+    the given ``vocabulary``, e.g. the classifier's, so that every word an attack can produce is in the LM's
+    vocabulary), so its per-token perplexity is the per-word perplexity. Each step draws a batch of random
+    windows of ``max_length`` tokens from the concatenated, ``<bos>``-separated texts; AdamW, linear decay.
+
+    Returns:
+        ``out_dir``, loadable with :func:`load_causal_lm`.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    check_positive_int("steps", steps)
+    check_positive_int("max_length", max_length, minimum=2)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    vocab = vocabulary if vocabulary is not None else WordVocabulary.build(texts, max_size=vocab_size)
+    tokenizer = _word_level_tokenizer(vocab)
+    bos = tokenizer.bos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream.append(bos)
+        stream.extend(vocab.encode(text))
+    data = torch.tensor(stream, dtype=torch.long)
+    if len(data) <= max_length + 1:
+        raise ValueError(f"texts hold {len(data)} tokens, fewer than one window of max_length={max_length}")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=max_length, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, bos_token_id=bos, eos_token_id=bos, pad_token_id=tokenizer.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.0, 1 - s / steps))
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        starts = torch.randint(0, len(data) - max_length - 1, (batch_size,), generator=g)
+        batch = torch.stack([data[s: s + max_length] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if log_every and (step + 1) % log_every == 0:
+            print(f"  LM step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    out = Path(out_dir)
+    model.eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def evaluate_text_attack(attack: TextAttack, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+                         tokenizer: TextTokenizer | None = None, lm: tuple[nn.Module, Any] | None = None,
+                         max_batches: int | None = None, device: str | torch.device | None = None,
+                         lm_batch_size: int = 16) -> dict[str, Any]:
+    """Run ``attack`` over dict batches (``input_ids``, ``attention_mask``, ``labels``) and aggregate.
+
+    Returns a dict with ``success_rate`` (over clean-correct reviews), ``words_changed`` (mean over successful
+    adversarial examples), ``fraction_changed``, ``clean_acc``, ``adv_acc``, ``n``, ``seconds``, the per-example
+    ``results`` list of :class:`~lightning_robust.attacks.TextAttackResult`, and, with a tokenizer and ``lm =
+    (model, tokenizer)``, ``ppl_original`` / ``ppl_adversarial`` (mean per-word perplexity of the successful
+    examples' clean and adversarial texts) with the per-text tensors ``ppl_original_all`` / ``ppl_adversarial_all``.
+    """
+    results = []
+    t0 = time.perf_counter()
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        b = {k: v.to(device) if device is not None else v for k, v in batch.items()}
+        results.append(attack(model, b["input_ids"], b["labels"], b.get("attention_mask"), tokenizer=tokenizer))
+    seconds = time.perf_counter() - t0
+    if not results:
+        raise ValueError("batches yielded nothing to attack")
+    ok = torch.cat([r.clean_correct for r in results])
+    success = torch.cat([r.success for r in results])
+    changed = torch.cat([r.num_changed for r in results]).float()
+    lengths = torch.cat([r.attention_mask.sum(1) for r in results]).float()
+    won = ok & success
+    out: dict[str, Any] = {
+        "n": int(ok.numel()),
+        "clean_acc": float(ok.float().mean()),
+        "adv_acc": float((ok & ~success).float().mean()),
+        "success_rate": float(won.sum()) / max(int(ok.sum()), 1),
+        "words_changed": float(changed[won].mean()) if bool(won.any()) else float("nan"),
+        "fraction_changed": float((changed[won] / lengths[won]).mean()) if bool(won.any()) else float("nan"),
+        "seconds": seconds,
+        "results": results,
+    }
+    if lm is not None and tokenizer is not None and bool(won.any()):
+        orig = [t for r in results for t in (r.original_text or [])]
+        adv = [t for r in results for t in (r.text or [])]
+        idx = won.nonzero().flatten().tolist()
+        p0 = per_word_perplexity(lm[0], lm[1], [orig[i] for i in idx], batch_size=lm_batch_size)
+        p1 = per_word_perplexity(lm[0], lm[1], [adv[i] for i in idx], batch_size=lm_batch_size)
+        out.update(ppl_original=float(p0.mean()), ppl_adversarial=float(p1.mean()),
+                   ppl_original_all=p0, ppl_adversarial_all=p1)
+    return out
