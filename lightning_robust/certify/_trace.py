@@ -188,6 +188,9 @@ class Traced:
     def reshape(self, *shape: Any) -> Traced:
         return _reshape(self, *shape)
 
+    def unflatten(self, dim: int, sizes: Sequence[int]) -> Traced:
+        return _unflatten(self, dim, sizes)
+
     def permute(self, *dims: Any) -> Traced:
         return _permute(self, *dims)
 
@@ -555,6 +558,15 @@ def _max_pool_handler(nd: int) -> Callable[..., Any]:
     return handler
 
 
+def _windows(t: torch.Tensor, k: Sequence[int], s: Sequence[int], p: Sequence[int], d: Sequence[int]
+             ) -> torch.Tensor:
+    """``[..., H, W] -> [..., Ho, Wo, kh * kw]``: the zero-padded pooling windows (strided views, no im2col)."""
+    t = F.pad(t, (p[1], p[1], p[0], p[0])) if any(p) else t
+    ke = [(kk - 1) * dd + 1 for kk, dd in zip(k, d)]
+    win = t.unfold(-2, ke[0], s[0]).unfold(-2, ke[1], s[1])  # [..., Ho, Wo, ke0, ke1]
+    return win[..., :: d[0], :: d[1]].flatten(-2)
+
+
 def _max_pool(x: Traced, k: tuple[int, ...], s: tuple[int, ...], p: tuple[int, ...], d: tuple[int, ...]) -> Traced:
     nd = len(k)
     if nd == 3:
@@ -581,15 +593,12 @@ def _max_pool(x: Traced, k: tuple[int, ...], s: tuple[int, ...], p: tuple[int, .
             tangent = tangent.squeeze(-2)
         # Facets: winner(o) - element k of window(o) >= 0 for every other in-image element k.
         pos = torch.arange(1, h * w + 1, dtype=v.dtype, device=v.device).reshape(1, 1, h, w)
-        pos_u = F.unfold(pos, k2, d2, p2, s2).round().long()  # [1, K, L]; 0 marks padding
-        kk = pos_u.shape[1]
-        vals_u = F.unfold(v2.reshape(b * c, 1, h, w), k2, d2, p2, s2).reshape(b, c, kk, -1)
-        winner_pos = idx.reshape(b, c, 1, -1) + 1
-        valid = (pos_u.reshape(1, 1, kk, -1) != 0) & (pos_u.reshape(1, 1, kk, -1) != winner_pos)
-        slack = pooled.reshape(b, c, 1, -1) - vals_u
+        pos_w = _windows(pos, k2, s2, p2, d2).round().long()  # [1, 1, Ho, Wo, K]; 0 marks padding
+        winner_pos = idx.unsqueeze(-1) + 1  # [b, c, Ho, Wo, 1]
+        valid = (pos_w != 0) & (pos_w != winner_pos)  # [b, c, Ho, Wo, K]
+        slack = pooled.unsqueeze(-1) - _windows(v2, k2, s2, p2, d2)
         slack = torch.where(valid, slack, torch.full_like(slack, math.inf))
-        t_u = F.unfold(tflat.reshape(b * nt * c, 1, h, w), k2, d2, p2, s2).reshape(b, nt, c, kk, -1)
-        normal = win_t.reshape(b, nt, c, 1, -1) - t_u
+        normal = win_t.reshape(b, nt, *pooled.shape[1:], 1) - _windows(t, k2, s2, p2, d2)
         normal = torch.where(valid.unsqueeze(1), normal, torch.zeros_like(normal))
         _record(x, slack, normal)
     lip = None
@@ -686,6 +695,14 @@ def _flatten(input: Traced, start_dim: int = 0, end_dim: int = -1) -> Traced:
     value = x.value.flatten(s, e)
     tangent = None if x.tangent is None else x.tangent.flatten(s + 1, e + 1)
     return _new(x, value, tangent, x.lip)
+
+
+@_register(torch.unflatten, torch.Tensor.unflatten)
+def _unflatten(input: Traced, dim: int, sizes: Sequence[int]) -> Traced:
+    x = input
+    td = _tdim(x, dim)
+    tangent = None if x.tangent is None else x.tangent.unflatten(td, sizes)
+    return _new(x, x.value.unflatten(dim, sizes), tangent, x.lip)
 
 
 @_register(torch.reshape, torch.Tensor.reshape, torch.Tensor.view)

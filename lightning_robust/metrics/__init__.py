@@ -1,3 +1,5 @@
-"""metrics (filled in by later issues)."""
+"""torchmetrics ``Metric`` subclasses (synchronised across processes) for robustness evaluation."""
 
-__all__: list[str] = []
+from lightning_robust.metrics.certified_accuracy import CertifiedAccuracy, certified_accuracy
+
+__all__ = ["CertifiedAccuracy", "certified_accuracy"]
