@@ -151,7 +151,7 @@ class CertificationCallback(pl.Callback):
             total = trainer.strategy.reduce(total, reduce_op="sum")
             mean = float(total[0] / total[1]) if float(total[1]) else float("nan")
             self.last_results = {self._name("mean_radius"): mean}
-            for r, a in zip(self.radii, acc.tolist()):
+            for r, a in zip(self.radii, acc.reshape(-1).tolist()):
                 self.last_results[self._name(f"acc@{r:g}")] = float(a)
             for name, value in self.last_results.items():
                 # identical on every rank already; sync_dist just keeps Lightning's DDP checks quiet

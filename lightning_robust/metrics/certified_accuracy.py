@@ -85,5 +85,5 @@ class CertifiedAccuracy(Metric):
         self.total += radius.numel()
 
     def compute(self) -> torch.Tensor:
-        """``[R]`` certified accuracy at each radius (0 before any update)."""
+        """``[R]`` certified accuracy at each radius (0 before any update; torchmetrics squeezes ``R = 1``)."""
         return (self.certified / self.total.clamp_min(1)).float()
