@@ -15,6 +15,7 @@ from lightning_robust.certify.certificates import (
     decision_boundary_radius,
     local_linear_radius,
     simplex_certificate,
+    simplex_hinge_loss,
     simplex_radius,
 )
 from lightning_robust.certify.lipschitz import LipschitzBound, lipschitz_bound, lipschitz_radius
@@ -34,5 +35,6 @@ __all__ = [
     "local_linear_radius",
     "region_radius",
     "simplex_certificate",
+    "simplex_hinge_loss",
     "simplex_radius",
 ]

@@ -7,7 +7,9 @@ are ``W z + b`` for all ``z`` in the polyhedron where those signs hold. This mod
 
 * ``value``: the ordinary activation at ``x``, ``[B, *shape]``;
 * ``tangent``: the Jacobian of that activation along ``T`` input directions, ``[B, T, *shape]`` (pushed
-  through each layer's linear part with the activation pattern of ``x`` frozen);
+  through each layer's linear part with the activation pattern of ``x`` frozen); its batch dimension may
+  be 1 while it is still the same for every sample (before the first ReLU), which saves the first
+  layers' work;
 * ``lip``: an upper bound on the layer's global L2 Lipschitz constant as a function of the input
   (optional; used by the decision-boundary certificate).
 
@@ -335,7 +337,7 @@ def _record(x: Traced, slack: torch.Tensor, normal: torch.Tensor | None) -> None
     st.constraints.append(Constraint(
         layer=st.where(),
         slack=slack.reshape(b, -1),
-        normal=None if normal is None else normal.reshape(b, normal.shape[1], -1),
+        normal=None if normal is None else normal.expand(b, *normal.shape[1:]).reshape(b, normal.shape[1], -1),
     ))
 
 
@@ -584,6 +586,7 @@ def _max_pool(x: Traced, k: tuple[int, ...], s: tuple[int, ...], p: tuple[int, .
     tangent = None
     if x.tangent is not None:
         t = x.tangent.unsqueeze(-2) if nd == 1 else x.tangent
+        t = t.expand(b, *t.shape[1:])  # a batch-shared tangent becomes per-sample here
         nt = t.shape[1]
         tflat = t.reshape(b, nt, c, h * w)
         gidx = idx.reshape(b, 1, c, -1).expand(b, nt, c, idx[0, 0].numel())
@@ -715,7 +718,7 @@ def _reshape(input: Traced, *shape: Any) -> Traced:
     if value.ndim == 0 or value.shape[0] != b:
         raise x.state.fail(f"reshapes an activation of shape {tuple(x.value.shape)} to {tuple(value.shape)}, "
                            "which moves the batch dimension")
-    tangent = None if x.tangent is None else x.tangent.reshape(b, x.tangent.shape[1], *value.shape[1:])
+    tangent = None if x.tangent is None else x.tangent.reshape(*x.tangent.shape[:2], *value.shape[1:])
     return _new(x, value, tangent, x.lip)
 
 
@@ -859,12 +862,12 @@ def _cat(tensors: Sequence[Any], dim: int = 0) -> Traced:
     value = torch.cat(values, dim)
     tangent = None
     if x.tangent is not None:
-        b, n = x.tangent.shape[:2]
+        b, n = value.shape[0], x.tangent.shape[1]
         parts = []
         for t in tensors:
             if isinstance(t, Traced):
                 assert t.tangent is not None
-                parts.append(t.tangent)
+                parts.append(t.tangent.expand(b, *t.tangent.shape[1:]))
             else:
                 c = torch.as_tensor(t)
                 parts.append(torch.zeros(b, n, *c.shape[1:], dtype=x.tangent.dtype, device=x.tangent.device))

@@ -162,10 +162,11 @@ def local_affine_map(
     layers: list[tuple[str, int]] = []
     for start in range(0, d, per_pass):
         stop = min(d, start + per_pass)
-        tangent = eye[start:stop].reshape(1, stop - start, *x.shape[1:]).expand(b, -1, *x.shape[1:])
+        # Batch dimension 1: the tangent is shared by all samples until the first piecewise-linear layer.
+        tangent = eye[start:stop].reshape(1, stop - start, *x.shape[1:])
         out, state = trace_model(model, x, tangent)
         assert out.tangent is not None
-        weight_cols.append(out.tangent.transpose(1, 2))  # [B, K, T]
+        weight_cols.append(out.tangent.expand(b, *out.tangent.shape[1:]).transpose(1, 2))  # [B, K, T]
         if state.constraints:
             normals = torch.cat([c.normal for c in state.constraints if c.normal is not None], dim=2)  # [B, T, M]
         else:

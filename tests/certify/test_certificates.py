@@ -197,3 +197,20 @@ def test_bad_arguments(trained_digits_mlp):
         decision_boundary_certificate(trained_digits_mlp, x, lipschitz=torch.ones(3, 3))
     with pytest.raises(TypeError, match="model"):
         simplex_certificate("net", x)  # type: ignore[arg-type]
+
+
+def test_simplex_hinge_loss_vanishes_exactly_beyond_the_certificate(toy_2d):
+    from lightning_robust.certify import simplex_hinge_loss
+
+    net, x, _ = toy_2d
+    x = x[:6]
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    _, cert = simplex_hinge_loss(net, x, y, 1.0, topk=1)
+    assert torch.allclose(cert, simplex_certificate(net, x, y, signed=True))
+    for i in range(len(x)):
+        below, _ = simplex_hinge_loss(net, x[i:i + 1], y[i:i + 1], 0.99 * float(cert[i]), topk=1)
+        above, _ = simplex_hinge_loss(net, x[i:i + 1], y[i:i + 1], 1.01 * float(cert[i]), topk=1)
+        assert float(below) == 0.0 and float(above) > 0.0
+    loss, _ = simplex_hinge_loss(net, x, (y + 1) % 3, 1.0)  # wrong labels: negative distances, big hinge
+    assert float(loss) > 1.0
