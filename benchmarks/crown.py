@@ -52,10 +52,7 @@ def _backsub(layers: list[tuple[torch.Tensor, torch.Tensor]], spec: torch.Tensor
         unstable = ~(active | inactive)
         denom = torch.where(unstable, up - lo, torch.ones_like(up))
         s_up = torch.where(active, 1.0, torch.where(unstable, up / denom, 0.0))
-        if fastlin:
-            s_lo = s_up
-        else:
-            s_lo = torch.where(active, 1.0, torch.where(unstable, (up >= -lo).to(up.dtype), 0.0))
+        s_lo = s_up if fastlin else torch.where(active, 1.0, torch.where(unstable, (up >= -lo).to(up.dtype), 0.0))
         pos, neg = coef.clamp_min(0), coef.clamp_max(0)
         # a <= s_up (z - l) on unstable neurons (bias -s_up l), a >= s_lo z
         const = const + (neg * (-s_up * torch.where(unstable, lo, torch.zeros_like(lo))).unsqueeze(1)).sum(-1)

@@ -164,7 +164,9 @@ class CertificationCallback(pl.Callback):
         quota = self._quota(trainer)
         padded = torch.full((quota,), float("nan"), dtype=torch.float64, device=radius.device)
         padded[: radius.numel()] = radius.double()
-        gathered = pl_module.all_gather(padded).reshape(-1)
+        gathered = pl_module.all_gather(padded)
+        assert isinstance(gathered, torch.Tensor)
+        gathered = gathered.reshape(-1)
         values = gathered[~torch.isnan(gathered)].cpu()
         if trainer.is_global_zero and values.numel():
             img = histogram({self.method: values}, bins=25, title=f"{self.method} certificates (epoch "

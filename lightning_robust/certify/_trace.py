@@ -78,7 +78,7 @@ class TraceState:
         )
 
 
-class _UnsupportedAttribute(NotPiecewiseLinearError, AttributeError):
+class _UnsupportedAttributeError(NotPiecewiseLinearError, AttributeError):
     """A missing tensor method on :class:`Traced` (``hasattr`` sees ``False``, a call sees the message)."""
 
 
@@ -175,7 +175,7 @@ class Traced:
         # error is also an AttributeError so that ``hasattr`` probes in foreign code keep working.
         state = object.__getattribute__(self, "state")
         err = state.fail(f"calls the tensor method `.{name}`, which is not a supported piecewise-linear operation")
-        raise _UnsupportedAttribute(str(err))
+        raise _UnsupportedAttributeError(str(err))
 
     def __bool__(self) -> bool:
         raise self.state.fail("branches on the value of an input-dependent tensor")
@@ -223,7 +223,7 @@ class Traced:
     def relu_(self) -> Traced:
         return _relu(self)
 
-    def clamp(self, min: Any = None, max: Any = None) -> Traced:  # noqa: A002 - torch's names
+    def clamp(self, min: Any = None, max: Any = None) -> Traced:
         return _clamp(self, min, max)
 
     clip = clamp
@@ -531,7 +531,7 @@ def _relu6(input: Traced, inplace: bool = False) -> Traced:
 
 
 @_register(torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip)
-def _clamp(input: Traced, min: Any = None, max: Any = None) -> Traced:  # noqa: A002 - torch's names
+def _clamp(input: Traced, min: Any = None, max: Any = None) -> Traced:
     x = input
     for bound in (min, max):
         if bound is not None and not isinstance(bound, (int, float)):
@@ -574,6 +574,10 @@ def _max_pool(x: Traced, k: tuple[int, ...], s: tuple[int, ...], p: tuple[int, .
     if nd == 3:
         raise x.state.fail("applies 3-d max pooling, which is not supported")
     v = x.value
+    k2: tuple[int, ...]
+    s2: tuple[int, ...]
+    p2: tuple[int, ...]
+    d2: tuple[int, ...]
     if nd == 1:  # run the 2-d code on a height-1 image
         v2 = v.unsqueeze(-2)
         k2, s2, p2, d2 = (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0])
@@ -615,8 +619,8 @@ def _max_pool(x: Traced, k: tuple[int, ...], s: tuple[int, ...], p: tuple[int, .
     return _new(x, out_value, tangent, lip)
 
 
-for _nd, _f in ((1, F.max_pool1d), (2, F.max_pool2d), (3, F.max_pool3d)):
-    _register(_f)(_max_pool_handler(_nd))
+for _nd, _mp in ((1, F.max_pool1d), (2, F.max_pool2d), (3, F.max_pool3d)):
+    _register(_mp)(_max_pool_handler(_nd))
 
 
 def _linear_op_handler(func: Callable[..., torch.Tensor], nd: int) -> Callable[..., Traced]:
@@ -642,10 +646,13 @@ def _linear_op_handler(func: Callable[..., torch.Tensor], nd: int) -> Callable[.
     return handler
 
 
-for _nd, _fs in ((1, (F.avg_pool1d, F.adaptive_avg_pool1d)), (2, (F.avg_pool2d, F.adaptive_avg_pool2d)),
-                 (3, (F.avg_pool3d, F.adaptive_avg_pool3d))):
-    for _f in _fs:
-        _register(_f)(_linear_op_handler(_f, _nd))
+_POOLS: tuple[tuple[int, tuple[Callable[..., torch.Tensor], ...]], ...] = (
+    (1, (F.avg_pool1d, F.adaptive_avg_pool1d)), (2, (F.avg_pool2d, F.adaptive_avg_pool2d)),
+    (3, (F.avg_pool3d, F.adaptive_avg_pool3d)),
+)
+for _nd, _fs in _POOLS:
+    for _pool in _fs:
+        _register(_pool)(_linear_op_handler(_pool, _nd))
 
 
 @_register(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
@@ -661,10 +668,7 @@ def _pad(input: Traced, pad: Sequence[int], mode: str = "constant", value: float
     x = input
     if len(pad) // 2 > x.value.ndim - 1:
         raise x.state.fail("pads the batch dimension")
-    if mode == "constant":
-        out_value = F.pad(x.value, pad, mode, value)
-    else:
-        out_value = F.pad(x.value, pad, mode)
+    out_value = F.pad(x.value, pad, mode, value) if mode == "constant" else F.pad(x.value, pad, mode)
     tangent = None
     if x.tangent is not None:
         b, t = x.tangent.shape[:2]
@@ -964,5 +968,6 @@ def trace_model(model: nn.Module, x: torch.Tensor, tangent: torch.Tensor | None 
             f"the model returned {type(out).__name__}, not a tensor computed from its input; certificates "
             "need a net mapping an input batch to logits [B, K]")
     if out.value.ndim != 2:
-        raise NotPiecewiseLinearError(f"the model's output must be logits of shape [B, K], got {tuple(out.value.shape)}")
+        raise NotPiecewiseLinearError(
+            f"the model's output must be logits of shape [B, K], got {tuple(out.value.shape)}")
     return out, state

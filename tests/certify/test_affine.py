@@ -155,7 +155,7 @@ class _Square(nn.Module):
         return x * x
 
 
-@pytest.mark.parametrize("net, where, what", [
+@pytest.mark.parametrize(("net", "where", "what"), [
     (nn.Sequential(nn.Linear(4, 8), nn.Softplus(), nn.Linear(8, 3)), "layer '1' (Softplus)", "softplus"),
     (nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)), "layer '1' (GELU)", "gelu"),
     (nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 3)), "layer '1' (Sigmoid)", "sigmoid"),

@@ -19,7 +19,7 @@ def _matrix_norm(op, shape) -> float:
     return float(torch.linalg.matrix_norm(cols, ord=2))
 
 
-@pytest.mark.parametrize("ci, co, k, stride, pad, dil, groups, side", [
+@pytest.mark.parametrize(("ci", "co", "k", "stride", "pad", "dil", "groups", "side"), [
     (2, 3, 3, 1, 1, 1, 1, 6), (2, 4, 3, 2, 1, 1, 1, 7), (4, 4, 3, 1, 1, 1, 4, 5), (2, 3, 3, 1, 0, 2, 1, 8),
     (3, 6, 5, 2, 2, 1, 3, 9), (1, 2, 2, 1, "same", 1, 1, 6),
 ])
@@ -39,7 +39,7 @@ def test_conv_bound_is_exact_for_a_circular_convolution():
     assert float(conv_norm_bound(w, (6, 6), (0, 0), (1, 1), 1)) == pytest.approx(exact, rel=1e-9)
 
 
-@pytest.mark.parametrize("op, shape, exact", [
+@pytest.mark.parametrize(("op", "shape", "exact"), [
     (lambda z: F.avg_pool2d(z, 2), (6, 6), 0.5),
     (lambda z: F.adaptive_avg_pool2d(z, 1), (4, 4), 0.25),
     (lambda z: F.pad(z, (1, 1, 1, 1)), (3, 3), 1.0),
@@ -61,7 +61,7 @@ def test_mlp_bound_is_the_product_of_spectral_norms():
     assert torch.all(lb.margin.diagonal() == 0)
 
 
-@pytest.mark.parametrize("net, shape", [
+@pytest.mark.parametrize(("net", "shape"), [
     (SmallCNN(1, 4, 8, pool="max"), (1, 8, 8)), (SmallCNN(1, 4, 8, pool="avg"), (1, 8, 8)),
     (ResNet32(num_classes=4, in_channels=1), (1, 4, 4)),
 ])
