@@ -22,7 +22,11 @@ below ever returns that radius unchecked:
   at least ``min_{p in H_i} ||p - x|| + max(0, m_j(p)) / L_j``, which has a closed form (see
   :func:`decision_boundary_radius`). It is never smaller than the simplex certificate nor than the global
   Lipschitz certificate ``m_j / L_j``, and equals the exact distance to the decision boundary whenever
-  the linearized boundary point lies inside ``P(x)``.
+  the linearized boundary is nearer than the polyhedron's boundary (``m / ||g|| <= region radius``).
+
+Training: :func:`simplex_hinge_loss` is a differentiable surrogate that enlarges the simplex certificate
+(used by ``Classifier(certificate_weight=...)``). Measured against global Lipschitz bounds, CROWN / Fast-Lin
+and a DDN attack in ``benchmarks/bench_certificates.py`` (BENCHMARKS.md).
 
 The paper's full text was not available offline while this was written; the constructions above are
 derived from its abstract (a closed-form, differentiable certificate from the polyhedron in which the
@@ -311,8 +315,8 @@ def decision_boundary_certificate(model: nn.Module, x: torch.Tensor, y: torch.Te
 
     Combines the exact affine map inside the activation polyhedron with a global Lipschitz bound outside
     it (see :func:`decision_boundary_radius` for the statement and proof). Always at least the simplex
-    certificate and the global Lipschitz certificate; exact when the closest point of the linearized
-    decision boundary lies inside the polyhedron.
+    certificate and the global Lipschitz certificate; exact when the linearized decision boundary is nearer
+    than the polyhedron's boundary.
 
     Args:
         model: a piecewise-linear network.
