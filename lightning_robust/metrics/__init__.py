@@ -1,5 +1,6 @@
-"""Metrics: text-attack evaluation (per-word perplexity under a causal LM, attack statistics); more by later issues."""
+"""torchmetrics metrics and evaluation functions: certified accuracy, text-attack evaluation, ..."""
 
+from lightning_robust.metrics.certified_accuracy import CertifiedAccuracy, certified_accuracy
 from lightning_robust.metrics.perplexity import (
     evaluate_text_attack,
     load_causal_lm,
@@ -7,4 +8,11 @@ from lightning_robust.metrics.perplexity import (
     train_causal_lm,
 )
 
-__all__ = ["evaluate_text_attack", "load_causal_lm", "per_word_perplexity", "train_causal_lm"]
+__all__ = [
+    "CertifiedAccuracy",
+    "certified_accuracy",
+    "evaluate_text_attack",
+    "load_causal_lm",
+    "per_word_perplexity",
+    "train_causal_lm",
+]

@@ -11,8 +11,15 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_robust.certify import certify, simplex_hinge_loss
 from lightning_robust.utils.batch import split_batch
-from lightning_robust.utils.validation import check_choice, check_fraction, check_positive_int
+from lightning_robust.utils.validation import (
+    check_choice,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+)
 
 __all__ = ["Classifier", "default_optimizer"]
 
@@ -45,6 +52,16 @@ class Classifier(pl.LightningModule):
         scheduler_interval: ``"epoch"`` or ``"step"``.
         scheduler_monitor: metric monitored by ``ReduceLROnPlateau``-style schedulers.
         label_smoothing: cross-entropy label smoothing in [0, 1).
+        certificate_weight: weight of the certified-robust training term (0 disables it). Singla & Feizi
+            (arXiv 1902.01235): the simplex certificate is closed-form and differentiable, so training can
+            enlarge it; ``"simplex"`` uses :func:`~lightning_robust.certify.simplex_hinge_loss` (hinges on
+            the ``certificate_topk`` nearest facets of the certified polyhedron and on the signed distance
+            to the linearized boundary of the true class), ``"lipschitz"`` the hinge
+            ``relu(1 - r / certificate_radius)`` on the global-Lipschitz certificate ``r``.
+        certificate_method: ``"simplex"`` (needs a piecewise-linear net; costs one forward pass per input
+            dimension) or ``"lipschitz"`` (cheap).
+        certificate_radius: target radius of the hinge (pixel-space L2 units).
+        certificate_topk: nearest neuron facets in the simplex hinge.
 
     Raises:
         ValueError: if ``num_classes`` is missing and the net does not expose it, or an argument is invalid.
@@ -63,6 +80,10 @@ class Classifier(pl.LightningModule):
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/loss",
         label_smoothing: float = 0.0,
+        certificate_weight: float = 0.0,
+        certificate_method: str = "simplex",
+        certificate_radius: float = 0.5,
+        certificate_topk: int = 8,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -73,6 +94,10 @@ class Classifier(pl.LightningModule):
         check_positive_int("num_classes", num_classes, minimum=2)
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
         check_fraction("label_smoothing", label_smoothing)
+        check_non_negative("certificate_weight", certificate_weight)
+        check_choice("certificate_method", certificate_method, ("simplex", "lipschitz"))
+        check_positive("certificate_radius", certificate_radius)
+        check_positive_int("certificate_topk", certificate_topk)
         # Only primitives go into hparams: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.hparams["num_classes"] = num_classes
@@ -86,6 +111,10 @@ class Classifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.certificate_weight = certificate_weight
+        self.certificate_method = certificate_method
+        self.certificate_radius = certificate_radius
+        self.certificate_topk = certificate_topk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -93,7 +122,22 @@ class Classifier(pl.LightningModule):
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Return ``(loss, logits for accuracy, extra logs)`` for a training batch."""
         logits = self(x)
-        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits, {}
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        extra: dict[str, Any] = {}
+        if self.certificate_weight > 0:
+            loss = loss + self.certificate_weight * self.certificate_loss(x, y, extra)
+        return loss, logits, extra
+
+    def certificate_loss(self, x: torch.Tensor, y: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
+        """The certified-robust training term for a batch (see ``certificate_weight``); logs into ``extra``."""
+        if self.certificate_method == "simplex":
+            term, radius = simplex_hinge_loss(self.net, x, y, self.certificate_radius, topk=self.certificate_topk)
+        else:
+            radius = certify(self.net, x, y, self.certificate_method, signed=True)
+            term = F.relu(1 - radius / self.certificate_radius).mean()
+        extra["certificate"] = radius.detach().clamp_min(0).mean()
+        extra["certificate_loss"] = term.detach()
+        return term
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, _ = split_batch(batch)

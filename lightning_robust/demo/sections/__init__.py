@@ -8,12 +8,13 @@ from collections.abc import Callable
 
 from lightning_robust.demo.context import DemoContext
 from lightning_robust.demo.report import Report
-from lightning_robust.demo.sections import classifier, text_spgd
+from lightning_robust.demo.sections import certification, classifier, text_spgd
 
 SectionFn = Callable[[DemoContext, Report], None]
 
 SECTIONS: list[tuple[str, str, SectionFn]] = [
     ("classifier", "Classifier on the bundled digits", classifier.run),
+    ("certification", "Robustness certificates for ReLU networks", certification.run),
     ("text_spgd", text_spgd.TITLE, text_spgd.run),
 ]
 
