@@ -16,11 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+from lightning_fabric.plugins import CheckpointIO
 from pytorch_lightning.cli import ArgsType, LightningCLI
 
 import lightning_robust.callbacks
 import lightning_robust.datamodules
 import lightning_robust.models  # noqa: F401  (registers subclasses for class_path resolution)
+from lightning_robust.callbacks import AtomicCheckpointIO, FiniteLossGuard
 
 __all__ = ["LightningRobustCLI", "main"]
 
@@ -30,7 +32,10 @@ class LightningRobustCLI(LightningCLI):
 
     * subclass mode for model and data (``class_path`` selects any LightningModule / DataModule);
     * the saved ``config.yaml`` may be overwritten, so a second run in the same directory works;
-    * optimizers are constructor arguments of our modules (``auto_configure_optimizers=False``).
+    * optimizers are constructor arguments of our modules (``auto_configure_optimizers=False``);
+    * reliability defaults: checkpoints are written atomically (:class:`AtomicCheckpointIO`, unless the
+      config names another CheckpointIO plugin) and a :class:`FiniteLossGuard` stops training at the first
+      NaN/inf loss (unless the config already has one).
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
@@ -46,6 +51,17 @@ class LightningRobustCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[pl.Callback]) -> pl.Trainer:
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        config["plugins"] = plugins
+        given = list(config.get("callbacks") or []) + list(callbacks)
+        if not any(isinstance(c, FiniteLossGuard) for c in given):
+            callbacks = [*callbacks, FiniteLossGuard()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_classes(self) -> None:
         """Instantiate, turning a constructor's validation error into one parser error (exit code 2).

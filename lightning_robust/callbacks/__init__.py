@@ -1,5 +1,11 @@
-"""Callbacks usable on any LightningModule (they never import ``lightning_robust.models``)."""
+"""Callbacks usable on any LightningModule (they never import ``lightning_robust.models``).
 
+``AtomicCheckpointIO`` is a Trainer plugin rather than a callback; it lives here with the other Lightning
+extension points.
+"""
+
+from lightning_robust.callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_robust.callbacks.certification import CertificationCallback
+from lightning_robust.callbacks.finite_loss_guard import FiniteLossGuard, NonFiniteLossError
 
-__all__ = ["CertificationCallback"]
+__all__ = ["AtomicCheckpointIO", "CertificationCallback", "FiniteLossGuard", "NonFiniteLossError"]
