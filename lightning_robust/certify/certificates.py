@@ -35,7 +35,9 @@ network is linear, and a decision-boundary certificate) with complete soundness 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -192,9 +194,22 @@ def _check_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point batch [B, ...], got {getattr(x, 'shape', type(x).__name__)}")
+    if not bool(torch.isfinite(x).all()):
+        # A NaN/inf input has no neighbourhood: any radius computed from it would be garbage.
+        raise ValueError("x contains NaN or inf; certificates need finite inputs")
     if y is not None and (not isinstance(y, torch.Tensor) or y.shape != x.shape[:1] or y.is_floating_point()):
         raise ValueError(f"y must be an integer tensor of shape [{x.shape[0]}], got "
                          f"{getattr(y, 'shape', type(y).__name__)}")
+
+
+@contextlib.contextmanager
+def _applicable(x: torch.Tensor) -> Iterator[None]:
+    """Report a model that cannot run on ``x`` (shape or dtype mismatch) as a ``ValueError`` naming ``x``."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise ValueError(f"model cannot be applied to x of shape {tuple(x.shape)} and dtype {x.dtype}: "
+                         f"{str(err).splitlines()[0]}") from None
 
 
 def _groups(x: torch.Tensor, chunk_size: int) -> list[slice]:
@@ -251,7 +266,8 @@ def simplex_certificate(model: nn.Module, x: torch.Tensor, y: torch.Tensor | Non
     check_positive_int("chunk_size", chunk_size)
     out = []
     for sl in _groups(x, chunk_size):
-        amap = local_affine_map(model, x[sl], chunk_size=chunk_size)
+        with _applicable(x):
+            amap = local_affine_map(model, x[sl], chunk_size=chunk_size)
         label = _labels(amap.logits, None if y is None else y[sl])
         out.append(simplex_radius(amap.logits, amap.weight, amap.slack, amap.normal_norm, label))
     r = _rounding_guard(torch.cat(out))
@@ -288,7 +304,8 @@ def simplex_hinge_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radiu
     check_positive_int("topk", topk)
     if not radius > 0:
         raise ValueError(f"radius must be a positive number, got {radius!r}")
-    amap = local_affine_map(model, x, chunk_size=chunk_size)
+    with _applicable(x):
+        amap = local_affine_map(model, x, chunk_size=chunk_size)
     dist = hyperplane_distance(amap.slack, amap.normal_norm)
     lin = local_linear_radius(amap.logits, amap.weight, y).clamp_min(-10 * radius)
     loss = torch.relu(1 - lin / radius).mean()
@@ -341,12 +358,14 @@ def decision_boundary_certificate(model: nn.Module, x: torch.Tensor, y: torch.Te
     _check_inputs(model, x, y)
     check_positive_int("chunk_size", chunk_size)
     if lipschitz is None:
-        lipschitz = lipschitz_bound(model, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        with _applicable(x):
+            lipschitz = lipschitz_bound(model, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     lmat = lipschitz.margin if isinstance(lipschitz, LipschitzBound) else lipschitz
     out = []
     for sl in _groups(x, chunk_size):
         xs = x[sl]
-        logits0, jac = _logit_jacobian(model, xs)
+        with _applicable(x):
+            logits0, jac = _logit_jacobian(model, xs)
         k = jac.shape[1]
         if lmat.shape != (k, k):
             raise ValueError(f"lipschitz must be a LipschitzBound or a [K, K] = [{k}, {k}] tensor, got "
@@ -383,7 +402,8 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, me
         return decision_boundary_certificate(model, x, y, lipschitz=lipschitz, chunk_size=chunk_size, signed=signed)
     _check_inputs(model, x, y)
     if lipschitz is None:
-        lipschitz = lipschitz_bound(model, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        with _applicable(x):
+            lipschitz = lipschitz_bound(model, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     lmat = lipschitz.margin if isinstance(lipschitz, LipschitzBound) else lipschitz
     with eval_mode(model):
         logits = model(x)

@@ -73,6 +73,9 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
             return _numpy_attr(module, name)
+        if (module, name) in (("__builtin__", "bytes"), ("builtins", "bytes")):
+            # Protocol 2 writes an empty bytes object as a call of ``bytes()`` (zero-size arrays).
+            return bytes
         if (module, name) == ("_codecs", "encode"):
             import codecs
 

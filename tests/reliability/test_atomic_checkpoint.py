@@ -116,15 +116,17 @@ def fit(ckpt_path, callbacks, max_epochs=3):
     if devices > 1:
         from pytorch_lightning.strategies import DDPStrategy
         strategy = DDPStrategy(timeout=timedelta(seconds=60))
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=max_epochs,
-                         limit_train_batches=8, limit_val_batches=2, deterministic=True, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy,
+                         max_epochs=max_epochs, limit_train_batches=8, limit_val_batches=2,
+                         deterministic=True, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=".",
                          plugins=[AtomicCheckpointIO()], callbacks=callbacks)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model, trainer
 
 
-saver = ModelCheckpoint(dirpath=ckpt_dir, filename="ep{epoch}", auto_insert_metric_name=False, save_last=True, save_top_k=-1)
+saver = ModelCheckpoint(dirpath=ckpt_dir, filename="ep{epoch}", auto_insert_metric_name=False, save_last=True,
+                        save_top_k=-1)
 if mode in ("kill_save", "kill_rank"):
     fit(None, [saver, Fault()])
     raise SystemExit("the fault was not injected")
