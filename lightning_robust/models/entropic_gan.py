@@ -122,8 +122,9 @@ class EntropicGAN(GAN):
         self._critic_fit = True
 
     @property
-    def critics(self) -> nn.Module:
-        """The :class:`~lightning_robust.nets.DualCritic` (stored as ``discriminator`` by the base)."""
+    def critics(self) -> Any:
+        """The :class:`~lightning_robust.nets.DualCritic` (stored as ``discriminator`` by the base); any module
+        with ``real_potential`` and ``fake_potential`` methods will do."""
         return self.discriminator
 
     # ---- the objective --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ their README) or the dual objective itself.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -115,7 +116,7 @@ def scheduled_reg(reg: float, generator_step: int, milestones: Sequence[int] = (
     if len(milestones) != len(factors):
         raise ValueError(f"reg_milestones and reg_factors must have the same length, got {len(milestones)} "
                          f"and {len(factors)}")
-    if any(m1 >= m2 for m1, m2 in zip(milestones, milestones[1:])):
+    if any(m1 >= m2 for m1, m2 in itertools.pairwise(milestones)):
         raise ValueError(f"reg_milestones must be strictly increasing, got {list(milestones)}")
     for i, f in enumerate(factors):
         check_positive(f"reg_factors[{i}]", f)

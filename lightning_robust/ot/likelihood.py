@@ -84,6 +84,10 @@ class SoftCTransform(nn.Module):
         self.reg = float(reg)
         self.cost_fn = resolve_cost(cost)
 
+    support: torch.Tensor
+    potential: torch.Tensor
+    log_weights: torch.Tensor
+
     def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
         c = self.cost_fn(self.support, y_hat.to(self.support))  # [n_support, B]
         z = self.log_weights[:, None] + (self.potential[:, None] - c) / self.reg
@@ -132,11 +136,17 @@ def _latent_shape(generator: Any, latent_dim: int | Sequence[int] | None) -> tup
 
 def _device_of(module: Any, fallback: torch.device) -> torch.device:
     if isinstance(module, nn.Module):
-        for p in module.parameters():
-            return p.device
-        for b in module.buffers():
-            return b.device
+        for t in [*module.parameters(), *module.buffers()]:
+            return t.device
     return fallback
+
+
+def _dtype_of(module: Any, fallback: torch.dtype) -> torch.dtype:
+    if isinstance(module, nn.Module):
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.is_floating_point():
+                return t.dtype
+    return fallback if fallback.is_floating_point else torch.get_default_dtype()
 
 
 @torch.no_grad()
@@ -204,7 +214,7 @@ def entropic_log_likelihood(
     if latents is None:
         check_positive_int("n_latents", n_latents)
         g = torch.Generator().manual_seed(seed)
-        latents = torch.randn(n_latents, *shape, generator=g)
+        latents = torch.randn(n_latents, *shape, generator=g, dtype=_dtype_of(generator, y.dtype))
     elif latents.ndim < 1 or tuple(latents.shape[1:]) != shape:
         raise ValueError(f"latents must have shape [n, {', '.join(map(str, shape))}], got {tuple(latents.shape)}")
     n = latents.shape[0]
@@ -275,7 +285,8 @@ def fit_fake_potential(
     check_positive_int("n_latents", n_latents)
     device = _device_of(generator, data.device)
     shape = _latent_shape(generator, latent_dim)
-    z = torch.randn(n_latents, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    z = torch.randn(n_latents, *shape, generator=torch.Generator().manual_seed(seed),
+                    dtype=_dtype_of(generator, data.dtype)).to(device)
     with _eval_mode(generator):
         y_hat = generator(z)
     y = data.to(device=device, dtype=y_hat.dtype)
