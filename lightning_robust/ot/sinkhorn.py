@@ -56,9 +56,10 @@ class SinkhornResult:
         log_a, log_b: log marginals (``-inf`` where a weight is zero).
         reg: ``ε``.
         iterations: Sinkhorn iterations run (one iteration updates ``g`` then ``f``).
-        error: ``[...]`` L1 violation of the row marginal, ``Σ_i |(P 1)_i - a_i|``, of the returned plan
-            (its column marginal is exact up to rounding).
-        converged: whether every problem of the batch reached ``error < tol``.
+        error: ``[...]`` L1 violation of the column marginal, ``Σ_j |(Pᵀ 1)_j - b_j|``, of the returned plan
+            (its row marginal is exact up to rounding, as the last half-step updates ``f``).
+        converged: whether every problem of the batch met the stopping test (row violation ``< tol`` before
+            the last ``f``-update, so ``error`` is typically smaller still).
     """
 
     f: torch.Tensor
@@ -165,25 +166,108 @@ class _ImplicitPotentials(torch.autograd.Function):
         return grad_cost, None, None, None, None, None
 
 
-@torch.no_grad()
-def _iterate(K: torch.Tensor, a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, alpha: torch.Tensor,
-             max_iter: int, tol: float, check_every: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Sinkhorn on scaled potentials ``alpha = f / ε``, ``beta = g / ε`` with ``K = -C / ε``.
+def _col_softmin(K: torch.Tensor, log_a_alpha: torch.Tensor) -> torch.Tensor:
+    """``beta_j = -LSE_i(log a_i + alpha_i + K_ij)``: the exact column update (column marginal met)."""
+    return -torch.logsumexp(K + log_a_alpha[..., :, None], dim=-2)
 
-    After the ``g``-update the column marginal is exact and the next ``f``-update reveals the row marginal
-    for free: ``(P 1)_i = a_i exp(alpha_i - alpha_new_i)``. So the error check costs O(n), not O(nm).
+
+def _row_softmin(K: torch.Tensor, log_b_beta: torch.Tensor) -> torch.Tensor:
+    """``alpha_i = -LSE_j(log b_j + beta_j + K_ij)``: the exact row update (row marginal met)."""
+    return -torch.logsumexp(K + log_b_beta[..., None, :], dim=-1)
+
+
+@torch.no_grad()
+def _iterate_log(K: torch.Tensor, a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, alpha: torch.Tensor,
+                 max_iter: int, tol: float, check_every: int) -> tuple[torch.Tensor, int, bool]:
+    """Plain log-domain Sinkhorn on scaled potentials ``alpha = f / ε``, ``beta = g / ε`` (``K = -C / ε``).
+
+    After the column pass the column marginal is exact, and the next row pass reveals the row marginal for
+    free, ``(P 1)_i = a_i exp(alpha_i - alpha_new_i)``: the convergence test is O(n), not O(nm).
     """
-    beta = alpha.new_zeros(())
-    err = alpha.new_full(alpha.shape[:-1], math.inf)
+    log_a_alpha = log_a + alpha
+    it = 0
     for it in range(1, max_iter + 1):
-        beta = -torch.logsumexp(K + (log_a + alpha)[..., :, None], dim=-2)
-        alpha_new = -torch.logsumexp(K + (log_b + beta)[..., None, :], dim=-1)
-        if it % check_every == 0 or it == max_iter:
-            err = (a * torch.expm1(alpha - alpha_new)).abs().sum(-1)
-            if bool((err < tol).all()):
-                return alpha, beta, it, err
-        alpha = alpha_new
-    return alpha, beta, max_iter, err
+        beta = _col_softmin(K, log_a_alpha)
+        log_a_alpha_new = log_a + _row_softmin(K, log_b + beta)
+        done = False
+        if it % check_every == 0:
+            err = torch.linalg.vector_norm(a * torch.expm1(log_a_alpha - log_a_alpha_new).nan_to_num(0.0), ord=1,
+                                           dim=-1)
+            done = bool((err < tol).all())
+        log_a_alpha = log_a_alpha_new
+        if done:
+            return log_a_alpha - log_a, it, True
+    return log_a_alpha - log_a, it, False
+
+
+#: Absorb the scalings into the kernel once one exceeds ``exp(±_ABSORB)``: entries that underflowed in the
+#: kernel then stay below ``1e-300 * exp(2 * _ABSORB)`` of the plan in float64 (``1e-38 * ...`` in float32).
+_ABSORB = 10.0
+
+
+@torch.no_grad()
+def _iterate_absorb(K: torch.Tensor, a: torch.Tensor, b: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
+                    alpha: torch.Tensor, max_iter: int, tol: float, check_every: int) -> tuple[torch.Tensor, int, bool]:
+    """Log-domain Sinkhorn with an absorbed kernel (Schmitzer 2016, arXiv 1610.06519, "log-stabilized").
+
+    The potentials live in the log domain as ``s = log a + alpha`` and ``t = log b + beta``; between
+    absorptions the iterations are the scaling updates ``U = a / (P̃ V)``, ``V = b / (P̃ᵀ U)`` on the
+    stabilized kernel ``P̃ = exp(K + s ⊕ t)`` (the plan at the last absorption), i.e. two matrix-vector
+    products instead of two ``logsumexp`` passes. When a scaling leaves ``[e^-10, e^10]``, it is absorbed
+    (``s += log U``, ``t += log V``, ``P̃`` recomputed in the log domain). Should a column of ``P̃`` lose all
+    its mass to underflow (tiny ``ε`` far from the solution), that step is redone in the log domain, so the
+    method is as stable as :func:`_iterate_log` and converges to the same fixed point.
+    """
+    pos_a, pos_b = a > 0, b > 0
+    s = log_a + alpha
+    t = log_b + _col_softmin(K, s)
+
+    def kernel(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(K + s[..., :, None] + t[..., None, :])
+
+    Kt = kernel(s, t)
+    U = torch.ones_like(a)
+    V = torch.ones_like(b)
+    it = 0
+    for it in range(1, max_iter + 1):
+        KtV = (Kt @ V[..., None])[..., 0]
+        done = False
+        if it % check_every == 0:
+            err = (U * KtV - a).abs().sum(-1)  # row violation; the columns are exact here
+            done = bool((err < tol).all())
+        if done:
+            return s + U.log() - log_a, it, True
+        U = torch.where(pos_a, a / KtV, 0.0)
+        KtU = (U[..., None, :] @ Kt)[..., 0, :]
+        lost = bool((pos_b & ~(KtU > 0)).any()) or not bool(torch.isfinite(U).all())
+        if lost:  # fall back to one log-domain step from the last good state, then re-absorb
+            s = log_a + _row_softmin(K, t + V.log())
+            t = log_b + _col_softmin(K, s)
+            Kt = kernel(s, t)
+            U, V = torch.ones_like(a), torch.ones_like(b)
+            continue
+        V = torch.where(pos_b, b / KtU, 0.0)
+        big_u = torch.where(pos_a, U.log().abs(), 0.0).amax()
+        big_v = torch.where(pos_b, V.log().abs(), 0.0).amax()
+        if bool(torch.maximum(big_u, big_v) > _ABSORB):
+            s = s + torch.where(pos_a, U.log(), 0.0)
+            t = t + torch.where(pos_b, V.log(), 0.0)
+            Kt = kernel(s, t)
+            U, V = torch.ones_like(a), torch.ones_like(b)
+    return s + torch.where(pos_a, U.log(), 0.0) - log_a, it, False
+
+
+@torch.no_grad()
+def _finish(K: torch.Tensor, b: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
+            alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One exact log-domain iteration from ``alpha`` (finite potentials also where a weight is zero), then
+    the L1 column violation of the resulting plan, whose rows are exact."""
+    alpha = torch.where(torch.isfinite(alpha), alpha, 0.0)
+    beta = _col_softmin(K, log_a + alpha)
+    alpha = _row_softmin(K, log_b + beta)
+    beta_check = _col_softmin(K, log_a + alpha)
+    err = torch.linalg.vector_norm(b * torch.expm1(beta - beta_check).nan_to_num(0.0), ord=1, dim=-1)
+    return alpha, beta, err
 
 
 def sinkhorn(
@@ -197,6 +281,7 @@ def sinkhorn(
     f0: torch.Tensor | None = None,
     g0: torch.Tensor | None = None,
     check_every: int = 1,
+    method: str = "absorb",
     warn: bool = True,
 ) -> SinkhornResult:
     """Solve entropic OT between ``a`` and ``b`` for ``cost`` with log-domain Sinkhorn iterations.
@@ -213,6 +298,10 @@ def sinkhorn(
         f0, g0: warm start from potentials of a previous (similar) problem, in this function's convention;
             ``f0`` wins when both are given (``g`` is recomputed from it first).
         check_every: test convergence every this many iterations (each test is O(n) but syncs a GPU).
+        method: ``"absorb"`` (default): log-domain potentials with matrix-vector iterations on a stabilized
+            kernel that is re-absorbed whenever a scaling grows past ``e^±10``, with a fall-back to
+            log-domain steps where the kernel underflows (Schmitzer 2016) — the same fixed point, several
+            times faster per iteration; ``"log"``: every half-step a ``logsumexp`` (POT's ``sinkhorn_log``).
         warn: emit the warning when ``max_iter`` is reached.
 
     Returns:
@@ -242,6 +331,7 @@ def sinkhorn(
     check_positive_int("max_iter", max_iter)
     check_positive("tol", tol)
     check_positive_int("check_every", check_every)
+    check_choice("method", method, ("absorb", "log"))
     for name, w in (("a", a), ("b", b)):
         if torch.is_tensor(w) and w.requires_grad:
             raise ValueError(f"{name} requires grad, but sinkhorn differentiates with respect to the cost only; "
@@ -266,13 +356,17 @@ def sinkhorn(
             alpha = -torch.logsumexp(K + (log_b + beta0)[..., None, :], dim=-1)
         else:
             alpha = c.new_zeros((*batch, n))
-        alpha, beta, iterations, err = _iterate(K, a_, log_a, log_b, alpha, max_iter, tol, check_every)
+        if method == "absorb":
+            alpha, iterations, converged = _iterate_absorb(K, a_, b_, log_a, log_b, alpha, max_iter, tol,
+                                                           check_every)
+        else:
+            alpha, iterations, converged = _iterate_log(K, a_, log_a, log_b, alpha, max_iter, tol, check_every)
+        alpha, beta, err = _finish(K, b_, log_a, log_b, alpha)
         f, g = alpha * eps, beta * eps
         # Normalize the gauge: (f + t, g - t) is the same plan; choose <a, f> = <b, g>.
         shift = 0.5 * ((a_ * f).sum(-1) - (b_ * g).sum(-1))
         f = f - shift[..., None]
         g = g + shift[..., None]
-    converged = bool((err < tol).all())
     if not converged and warn:
         warnings.warn(f"sinkhorn did not converge in max_iter={max_iter} iterations: marginal error "
                       f"{float(err.max()):.3g} >= tol={tol:g} (increase max_iter or reg, or warm-start with f0)",

@@ -6,6 +6,7 @@ import numpy as np
 import ot
 import pytest
 import torch
+from scipy.special import xlogy
 
 from lightning_robust.ot import SinkhornConvergenceWarning, pairwise_cost, sinkhorn, sinkhorn_divergence
 
@@ -20,10 +21,11 @@ def _problem(n: int, m: int, seed: int = 0, d: int = 2):
     return pairwise_cost(x, y), a / a.sum(), b / b.sum()
 
 
-@pytest.mark.parametrize(("n", "m", "reg"), [(30, 20, 0.5), (15, 40, 0.1), (25, 25, 1.0)])
-def test_matches_pot_sinkhorn_log(n, m, reg):
+@pytest.mark.parametrize("method", ["absorb", "log"])
+@pytest.mark.parametrize(("n", "m", "reg"), [(30, 20, 0.5), (15, 40, 0.1), (25, 25, 1.0), (20, 30, 0.03)])
+def test_matches_pot_sinkhorn_log(n, m, reg, method):
     C, a, b = _problem(n, m)
-    res = sinkhorn(C, a, b, reg=reg, tol=1e-12, max_iter=20000)
+    res = sinkhorn(C, a, b, reg=reg, tol=1e-12, max_iter=20000, method=method)
     P = ot.bregman.sinkhorn_log(a.numpy(), b.numpy(), C.numpy(), reg, numItermax=100000, stopThr=1e-14)
     assert res.converged
     np.testing.assert_allclose(res.plan.numpy(), P, atol=1e-6, rtol=0)
@@ -31,7 +33,7 @@ def test_matches_pot_sinkhorn_log(n, m, reg):
     torch.testing.assert_close(res.plan.sum(1), a, atol=1e-6, rtol=0)
     torch.testing.assert_close(res.plan.sum(0), b, atol=1e-6, rtol=0)
     # The objective is the entropic cost <P, C> + ε KL(P | a bᵀ), evaluated on POT's plan.
-    kl = float((P * (np.log(P) - np.log(np.outer(a.numpy(), b.numpy())))).sum())
+    kl = float((xlogy(P, P) - P * np.log(np.outer(a.numpy(), b.numpy()))).sum())
     assert abs(float(res.objective) - (float((P * C.numpy()).sum()) + reg * kl)) < 1e-6
     # The potentials are normalized: <a, f> = <b, g>.
     assert abs(float((a * res.f).sum() - (b * res.g).sum())) < 1e-10
@@ -49,14 +51,16 @@ def test_batched_equals_one_by_one_and_broadcasts_marginals():
         torch.testing.assert_close(res.f[i], one.f, atol=1e-8, rtol=0)
 
 
-def test_zero_weights_equal_the_reduced_problem():
+@pytest.mark.parametrize("method", ["absorb", "log"])
+def test_zero_weights_equal_the_reduced_problem(method):
     C, a, b = _problem(10, 8)
     a = a.clone()
     a[[2, 7]] = 0.0
     a = a / a.sum()
     keep = a > 0
-    full = sinkhorn(C, a, b, reg=0.2, tol=1e-12)
-    reduced = sinkhorn(C[keep], a[keep], b, reg=0.2, tol=1e-12)
+    full = sinkhorn(C, a, b, reg=0.2, tol=1e-12, method=method)
+    reduced = sinkhorn(C[keep], a[keep], b, reg=0.2, tol=1e-12, method=method)
+    assert torch.isfinite(full.f).all() and torch.isfinite(full.g).all()
     assert torch.all(full.plan[~keep] == 0)
     torch.testing.assert_close(full.plan[keep], reduced.plan, atol=1e-10, rtol=0)
     Cg = C.clone().requires_grad_(True)
@@ -64,19 +68,20 @@ def test_zero_weights_equal_the_reduced_problem():
     assert torch.isfinite(Cg.grad).all() and torch.all(Cg.grad[~keep] == 0)
 
 
-def test_finite_and_near_exact_ot_at_tiny_reg():
+@pytest.mark.parametrize("method", ["absorb", "log"])
+def test_finite_and_near_exact_ot_at_tiny_reg(method):
     C, a, b = _problem(40, 30, seed=3)
     reg = 1e-3 * float(C.median())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SinkhornConvergenceWarning)
-        cold = sinkhorn(C, a, b, reg=reg, max_iter=200, tol=1e-9)  # far from converged, still finite
-        res32 = sinkhorn(C.float(), a.float(), b.float(), reg=reg, max_iter=200, tol=1e-5)
+        cold = sinkhorn(C, a, b, reg=reg, max_iter=200, tol=1e-9, method=method)  # not converged, finite
+        res32 = sinkhorn(C.float(), a.float(), b.float(), reg=reg, max_iter=200, tol=1e-5, method=method)
     for r in (cold, res32):
         assert torch.isfinite(r.plan).all() and torch.isfinite(r.f).all() and torch.isfinite(r.value)
     # ε-scaling with warm starts reaches the tiny-ε solution.
     f = None
     for r in np.geomspace(float(C.median()), reg, 8):
-        res = sinkhorn(C, a, b, reg=float(r), max_iter=5000, tol=1e-9, f0=f)
+        res = sinkhorn(C, a, b, reg=float(r), max_iter=5000, tol=1e-9, f0=f, method=method)
         f = res.f
     assert res.converged and torch.isfinite(res.plan).all()
     exact = ot.emd2(a.numpy(), b.numpy(), C.numpy())
@@ -166,6 +171,8 @@ def test_bad_inputs_give_clear_errors():
         sinkhorn(C, a.clone().requires_grad_(True), b)
     with pytest.raises(ValueError, match=r"cost must have shape \[..., n, m\]"):
         sinkhorn(C[0], a, b)
+    with pytest.raises(ValueError, match="method must be one of"):
+        sinkhorn(C, a, b, method="newton")
 
 
 def test_sinkhorn_divergence_linear_matches_pot_and_entropic_properties():
