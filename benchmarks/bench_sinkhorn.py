@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from benchmarks.common import markdown_table, timeit
+from benchmarks.common import markdown_table
 from lightning_robust.ot import pairwise_cost, sinkhorn
 
 

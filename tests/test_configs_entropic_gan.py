@@ -25,8 +25,9 @@ def test_paper_scale_mnist_config_model_runs_on_28px_digits(tmp_path):
     cfg["data"] = {"class_path": "lightning_robust.datamodules.DigitsDataModule",
                    "init_args": {"image_size": 28, "batch_size": 16}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    cli = LightningRobustCLI(args=["fit", "--config", str(tmp_path / "c.yaml"), "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}",
-                                   "--trainer.enable_progress_bar=false", "--model.init_args.likelihood_latents=64"])
+    cli = LightningRobustCLI(args=["fit", "--config", str(tmp_path / "c.yaml"), "--trainer.fast_dev_run=true",
+                                   f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+                                   "--model.init_args.likelihood_latents=64"])
     model = cli.model
     assert model.cost == "l1" and model.reg == 5.0 and model.n_critic == 5 and model.latent_dim == 128
     assert model.current_reg() == 10.0  # 2λ during the warm-up

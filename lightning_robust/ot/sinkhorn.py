@@ -26,7 +26,6 @@ Feydy et al. (2019) arXiv 1810.08278 (debiased Sinkhorn divergence); Luise et al
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
