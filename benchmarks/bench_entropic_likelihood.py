@@ -27,7 +27,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.common import markdown_table
 from lightning_robust.callbacks.likelihood_histogram import rank_auroc
@@ -72,7 +72,7 @@ def _optimizer(lr: float) -> functools.partial:
 def _mixture(quick: bool) -> tuple[str, list[list[object]]]:
     pl.seed_everything(0, verbose=False)
     dm = GaussianMixtureDataModule()
-    x_train, _ = dm.sample(20_000, torch.Generator().manual_seed(1234))
+    x_train, y_train = dm.sample(20_000, torch.Generator().manual_seed(1234))
     g = torch.Generator().manual_seed(7)
     x_test, _ = dm.sample(1000, g)
     lo, hi = x_train.min(0).values - 0.5, x_train.max(0).values + 0.5
@@ -85,7 +85,7 @@ def _mixture(quick: bool) -> tuple[str, list[list[object]]]:
     at = [i for i in (200, 300, 500, 1000, 1500) if i <= gen_iters]
     track = _Track(x_test[:500], at, 4096)
     t0 = time.perf_counter()
-    loader = DataLoader(x_train, batch_size=256, shuffle=True, drop_last=True)
+    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=256, shuffle=True, drop_last=True)
     # global_step counts both optimizers' steps: 5 critic + 1 generator per generator iteration.
     _trainer(6 * gen_iters, [track]).fit(gan, train_dataloaders=loader)
     train_s = time.perf_counter() - t0
@@ -171,7 +171,7 @@ def _mnist(quick: bool) -> tuple[str, list[list[object]]]:
                       discriminator_optimizer=_optimizer(5e-4), likelihood_latents=2048, likelihood_chunk_size=512)
     at = [i for i in (200, 400, 700, 1000) if i <= gen_iters]
     track = _Track(test[:200], at, 1024)
-    loader = DataLoader(train, batch_size=64, shuffle=True, drop_last=True)
+    loader = DataLoader(TensorDataset(train, torch.zeros(len(train))), batch_size=64, shuffle=True, drop_last=True)
     t0 = time.perf_counter()
     _trainer(6 * gen_iters, [track]).fit(gan, train_dataloaders=loader)
     train_s = time.perf_counter() - t0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_robust.callbacks.likelihood_histogram import rank_auroc
 from lightning_robust.datamodules import GaussianMixtureDataModule
@@ -27,7 +27,7 @@ def run(ctx: DemoContext, report: Report) -> None:
     ctx.seed_everything()
     gen_iters = 60 if ctx.fast else 400
     dm = GaussianMixtureDataModule()
-    x_train, _ = dm.sample(10_000, torch.Generator().manual_seed(1234))
+    x_train, y_train = dm.sample(10_000, torch.Generator().manual_seed(1234))
     g = torch.Generator().manual_seed(ctx.seed + 7)
     x_test, _ = dm.sample(500, g)
     lo, hi = x_train.min(0).values - 0.5, x_train.max(0).values + 0.5
@@ -39,7 +39,8 @@ def run(ctx: DemoContext, report: Report) -> None:
                       generator_optimizer=opt, discriminator_optimizer=opt, likelihood_latents=2048)
     before = gan.log_likelihood(x_test).mean().item()
     trainer = ctx.trainer("entropic_gan", max_steps=6 * gen_iters, limit_val_batches=0)
-    trainer.fit(gan, train_dataloaders=DataLoader(x_train, batch_size=256, shuffle=True, drop_last=True))
+    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=256, shuffle=True, drop_last=True)
+    trainer.fit(gan, train_dataloaders=loader)
     gan.cpu()
 
     ll_test, ll_ood = gan.log_likelihood(x_test), gan.log_likelihood(x_ood)
