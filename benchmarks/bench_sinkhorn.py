@@ -53,7 +53,7 @@ def run(quick: bool = False) -> str:
     import ot
 
     sizes = [200] if quick else [200, 500, 1000]
-    repeat = 3 if quick else 9
+    repeat = 3 if quick else 5
     rows = []
     for dtype in (torch.float64, torch.float32):
         for n in sizes:

@@ -9,6 +9,12 @@ point of the soft c-transforms (Sinkhorn's iterations in the log domain, stable 
 
     g_j = -ε log Σ_i a_i exp((f_i - C_ij) / ε),        f_i = -ε log Σ_j b_j exp((g_j - C_ij) / ε).
 
+The default iterations keep the potentials in the log domain but run the half-steps as matrix-vector
+products on a stabilized kernel ``exp((f ⊕ g - C) / ε)`` that is re-absorbed into the potentials whenever a
+scaling leaves ``[e^-10, e^10]``, falling back to ``logsumexp`` steps where the kernel underflows (Schmitzer
+2016, arXiv 1610.06519); ``method="log"`` runs every half-step as a ``logsumexp``. Both end with one exact
+log-domain iteration and reach the same fixed point.
+
 At the fixed point ``OT_ε = <a, f> + <b, g>``. Potentials are defined up to ``(f + t, g - t)``; we return the
 normalized pair with ``<a, f> = <b, g>`` so that they are functions of ``(C, a, b)`` alone (independent of the
 starting point), and symmetric problems give ``f = g``.
