@@ -143,7 +143,7 @@ def _photo_patches(n: int, seed: int) -> torch.Tensor:
     from sklearn.datasets import load_sample_images
 
     g = torch.Generator().manual_seed(seed)
-    imgs = [torch.from_numpy(im).float().mean(-1) / 255.0 for im in load_sample_images().images]
+    imgs = [torch.from_numpy(np.array(im)).float().mean(-1) / 255.0 for im in load_sample_images().images]
     out = []
     for i in range(n):
         im = imgs[i % len(imgs)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,10 +99,13 @@ class EntropicGAN(GAN):
             if not callable(getattr(critics, name, None)):
                 raise TypeError(f"critics must provide {name}() (use lightning_robust.nets.DualCritic), "
                                 f"got {type(critics).__name__}")
-        super().__init__(generator, critics, latent_dim=latent_dim, latent_shape=latent_shape, loss="wgan-gp",
-                         n_critic=n_critic, gp_weight=0.0, generator_optimizer=generator_optimizer,
-                         discriminator_optimizer=discriminator_optimizer, ema_decay=ema_decay,
-                         n_fixed_latents=n_fixed_latents, seed=seed)
+        with warnings.catch_warnings():
+            # The base's save_hyperparameters sees our `critics` argument too; ours below drops it.
+            warnings.filterwarnings("ignore", message=".*'critics' is an instance of `nn.Module`.*")
+            super().__init__(generator, critics, latent_dim=latent_dim, latent_shape=latent_shape, loss="wgan-gp",
+                             n_critic=n_critic, gp_weight=0.0, generator_optimizer=generator_optimizer,
+                             discriminator_optimizer=discriminator_optimizer, ema_decay=ema_decay,
+                             n_fixed_latents=n_fixed_latents, seed=seed)
         check_choice("cost", cost, COSTS)
         check_positive("reg", reg)
         scheduled_reg(reg, 0, tuple(reg_milestones), tuple(reg_factors))  # validates the schedule
