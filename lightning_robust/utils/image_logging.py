@@ -25,6 +25,15 @@ def _to_pil(image: torch.Tensor | Image.Image) -> Image.Image:
     return Image.fromarray((t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
+def _log_dir(trainer: Any) -> str | None:
+    """``trainer.log_dir`` without its ``strategy.broadcast``: this runs on rank 0 only, and a collective
+    called by one rank deadlocks a multi-process run."""
+    loggers = getattr(trainer, "loggers", None) or []
+    if loggers:
+        return getattr(loggers[0], "log_dir", None) or getattr(loggers[0], "save_dir", None)
+    return None
+
+
 def log_image(trainer: Any, tag: str, image: torch.Tensor | Image.Image, step: int | None = None) -> Path | None:
     """Log ``image`` under ``tag``: to TensorBoard / W&B style loggers when present, and as a PNG.
 
@@ -37,8 +46,6 @@ def log_image(trainer: Any, tag: str, image: torch.Tensor | Image.Image, step: i
         image: ``[C, H, W]`` tensor in [0, 1] or a PIL image.
         step: global step (defaults to ``trainer.global_step``).
     """
-    # Every rank reads log_dir: under DDP it is a broadcast from rank 0, so rank 0 alone would deadlock.
-    root = Path(getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or ".")
     if getattr(trainer, "global_rank", 0) != 0:
         return None
     step = int(trainer.global_step if step is None else step)
@@ -51,6 +58,7 @@ def log_image(trainer: Any, tag: str, image: torch.Tensor | Image.Image, step: i
         elif hasattr(logger, "log_image"):  # WandbLogger, NeptuneLogger, ...
             with contextlib.suppress(TypeError):  # loggers differ in signature; PNG below is kept anyway
                 logger.log_image(key=tag, images=[pil], step=step)
+    root = Path(_log_dir(trainer) or getattr(trainer, "default_root_dir", None) or ".")
     out = root / "images" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', tag)}_step{step:07d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     pil.save(out)
