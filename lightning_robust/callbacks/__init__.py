@@ -1,5 +1,9 @@
 """Callbacks usable on any LightningModule (they never import ``lightning_robust.models``)."""
 
 from lightning_robust.callbacks.certification import CertificationCallback
+from lightning_robust.callbacks.likelihood_histogram import LikelihoodHistogram
 
-__all__ = ["CertificationCallback"]
+__all__ = [
+    "CertificationCallback",
+    "LikelihoodHistogram",
+]
