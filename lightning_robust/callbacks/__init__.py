@@ -1,3 +1,5 @@
 """Callbacks usable on any LightningModule (they never import ``lightning_robust.models``)."""
 
-__all__: list[str] = []
+from lightning_robust.callbacks.saliency_certification import SaliencyCertification
+
+__all__ = ["SaliencyCertification"]

@@ -1,3 +1,5 @@
-"""metrics (filled in by later issues)."""
+"""torchmetrics metrics built on the pure packages."""
 
-__all__: list[str] = []
+from lightning_robust.metrics.topk_intersection import TopKIntersection
+
+__all__ = ["TopKIntersection"]

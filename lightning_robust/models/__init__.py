@@ -1,5 +1,6 @@
 """LightningModules."""
 
 from lightning_robust.models.classifier import Classifier
+from lightning_robust.models.interpretation import InterpretationRegularizedClassifier
 
-__all__ = ["Classifier"]
+__all__ = ["Classifier", "InterpretationRegularizedClassifier"]
