@@ -65,7 +65,7 @@ def test_every_n_epochs_and_argument_errors():
     assert cb._active(T())
     with pytest.raises(ValueError, match="radii must list at least one"):
         SaliencyCertification(radii=())
-    with pytest.raises(ValueError, match="radii must be a non-negative number, got -0.1"):
+    with pytest.raises(ValueError, match=r"radii must be a non-negative number, got -0\.1"):
         SaliencyCertification(radii=(0.1, -0.1))
     with pytest.raises(ValueError, match="n_samples must be a positive integer, got 0"):
         SaliencyCertification(n_samples=0)

@@ -115,7 +115,7 @@ def test_argument_errors(tiny_cnn, tiny_images):
         smoothgrad(tiny_cnn, x, n_samples=0)
     with pytest.raises(ValueError, match="sigma must be a positive number, got 0"):
         smoothgrad(tiny_cnn, x, sigma=0)
-    with pytest.raises(ValueError, match="sigma must be a positive number, got -0.1"):
+    with pytest.raises(ValueError, match=r"sigma must be a positive number, got -0\.1"):
         sparsified_smoothgrad(tiny_cnn, x, sigma=-0.1)
     with pytest.raises(ValueError, match=r"tau must lie in \(0, 1\], got 0"):
         sparsified_smoothgrad(tiny_cnn, x, tau=0)

@@ -51,10 +51,10 @@ def run(ctx: DemoContext, report: Report) -> None:
     ctx.seed_everything()
     model = _classifier(ctx)
     device = next(model.parameters()).device
-    x_all, y_all = load_digits_tensors(8, 1)
+    x_all, _ = load_digits_tensors(8, 1)
     n_img = 8 if ctx.fast else 24
     n_samples = 256 if ctx.fast else 2048
-    x, y = x_all[-n_img:].to(device), y_all[-n_img:].to(device)
+    x = x_all[-n_img:].to(device)
     gen = torch.Generator().manual_seed(ctx.seed)
     with torch.no_grad():
         pred = model(x).argmax(1)
