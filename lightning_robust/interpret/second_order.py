@@ -95,9 +95,25 @@ def input_jacobian(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
     return logits.detach(), torch.cat(rows)
 
 
-def _softmax_curvature(logits: torch.Tensor) -> torch.Tensor:
-    p = logits.softmax(1)
-    return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+def _softmax_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, diag(p) - p pᵀ)`` in float64, accurate for confident predictions.
+
+    ``p = exp(log_softmax(z))`` keeps tiny probabilities exact, and ``1 - p_i`` is summed from the other
+    probabilities: computing it as a difference would cancel to 0 when ``p_i`` rounds to 1, which flattens
+    the curvature (and the gradient) of exactly the confident inputs the paper's theorem is about.
+    """
+    p = logits.double().log_softmax(1).exp()
+    big = p >= 0.5                              # at most one entry per row
+    one_minus = torch.where(big, p.masked_fill(big, 0.0).sum(1, keepdim=True), 1.0 - p)
+    A = -p[:, :, None] * p[:, None, :]
+    A.diagonal(dim1=1, dim2=2).copy_(p * one_minus)
+    return p, A
+
+
+def _loss_residual(p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``p - e_y`` with ``p_y - 1 = -Σ_{j≠y} p_j`` (no cancellation when ``p_y`` is close to 1)."""
+    others = p.scatter(1, labels[:, None], 0.0).sum(1, keepdim=True)
+    return p.scatter(1, labels[:, None], -others)
 
 
 def _sqrt_psd(A: torch.Tensor) -> torch.Tensor:
@@ -128,7 +144,8 @@ def relu_input_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None
     """
     logits, J = input_jacobian(model, x, batch_size)
     _labels(y, logits)
-    return J.transpose(1, 2) @ _softmax_curvature(logits) @ J
+    Jd = J.double()
+    return (Jd.transpose(1, 2) @ _softmax_stats(logits)[1] @ Jd).to(J.dtype)
 
 
 def hessian_factor(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,12 +155,14 @@ def hessian_factor(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
         ``(logits [B, C], F [B, D, C])``.
     """
     logits, J = input_jacobian(model, x, batch_size)
-    return logits, J.transpose(1, 2) @ _sqrt_psd(_softmax_curvature(logits.to(J.dtype)))
+    return logits, (J.double().transpose(1, 2) @ _sqrt_psd(_softmax_stats(logits)[1])).to(J.dtype)
 
 
 @dataclass
 class HessianEigen:
     """Spectrum of the ReLU input Hessian and its relation to the loss gradient (per sample).
+
+    All fields are float64: the softmax curvature of confident predictions is lost to rounding in float32.
 
     Attributes:
         eigenvalues: ``[B, C]`` non-zero part of the spectrum, descending (the rest of the ``D`` eigenvalues
@@ -153,6 +172,9 @@ class HessianEigen:
         cosine: ``[B]`` ``|cos(top eigenvector, gradient)|``.
         top_share: ``[B]`` ``λ₁ / Σλ`` (share of the trace held by the top eigenvalue; 1 = rank one).
         confidence: ``[B]`` softmax probability of the predicted class.
+        runner_up_share: ``[B]`` ``p_(2) / (1 - p_(1))``, the second most likely class's share of the
+            probability left by the predicted one. As ``p_(1) -> 1``, ``H ≈ Σ_{j≠y} p_j (J_j - J_y)(J_j - J_y)ᵀ``,
+            which is rank one with the gradient as top eigenvector when this share is near 1.
         labels: ``[B]`` classes whose loss was analysed.
     """
 
@@ -162,6 +184,7 @@ class HessianEigen:
     cosine: torch.Tensor
     top_share: torch.Tensor
     confidence: torch.Tensor
+    runner_up_share: torch.Tensor
     labels: torch.Tensor
 
 
@@ -185,19 +208,23 @@ def hessian_eigen_analysis(model: nn.Module, x: torch.Tensor, y: torch.Tensor | 
     """
     logits, J = input_jacobian(model, x, batch_size)
     labels = _labels(y, logits)
-    p = logits.to(J.dtype).softmax(1)
-    Fm = J.transpose(1, 2) @ _sqrt_psd(torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+    p, A = _softmax_stats(logits)
+    Jd = J.double()
+    Fm = Jd.transpose(1, 2) @ _sqrt_psd(A)
     w, U = torch.linalg.eigh(Fm.transpose(1, 2) @ Fm)      # ascending
     w, U = w.flip(1).clamp_min(0), U.flip(2)
     v = (Fm @ U[:, :, 0:1]).squeeze(2)
     v = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
-    grad = (J.transpose(1, 2) @ (p - F.one_hot(labels, p.shape[1]).to(p.dtype))[:, :, None]).squeeze(2)
+    grad = (Jd.transpose(1, 2) @ _loss_residual(p, labels)[:, :, None]).squeeze(2)
     dot = (v * grad).sum(1)
     v = torch.where(dot[:, None] < 0, -v, v)
     cosine = dot.abs() / grad.norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
     share = w[:, 0] / w.sum(1).clamp_min(torch.finfo(w.dtype).tiny)
+    top2 = p.topk(2, dim=1)
+    rest = p.scatter(1, top2.indices[:, :1], 0.0).sum(1)  # 1 - p_(1) summed from the small terms
+    runner_up = top2.values[:, 1] / rest.clamp_min(torch.finfo(rest.dtype).tiny)
     return HessianEigen(eigenvalues=w, top_eigenvector=v, gradient=grad, cosine=cosine, top_share=share,
-                        confidence=p.max(1).values, labels=labels)
+                        confidence=top2.values[:, 0], runner_up_share=runner_up, labels=labels)
 
 
 def _loss_and_input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None
@@ -379,12 +406,13 @@ def group_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = N
         if hessian == "relu" or not second_order:
             logits, J = input_jacobian(model, xs, batch_size)
             labels = _labels(ys, logits)
-            p = logits.to(J.dtype).softmax(1)
-            resid = p - F.one_hot(labels, p.shape[1]).to(p.dtype)
-            grad = (J.transpose(1, 2) @ resid[:, :, None]).squeeze(2).view(n, B, -1).mean(0)
+            # Float64 from here on: confident inputs have gradients and curvatures near float32's range.
+            p, A = _softmax_stats(logits)
+            Jd = J.double()
+            grad = (Jd.transpose(1, 2) @ _loss_residual(p, labels)[:, :, None]).squeeze(2).view(n, B, -1).mean(0)
             if not second_order:
-                return (_soft_threshold(grad, lambda1) / lambda2).view_as(x)
-            fac = J.transpose(1, 2) @ _sqrt_psd(torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+                return (_soft_threshold(grad, lambda1) / lambda2).to(x.dtype).view_as(x)
+            fac = Jd.transpose(1, 2) @ _sqrt_psd(A)
             # Stack the samples' factors: H̄ = (1/n) Σ_s F_s F_sᵀ = F̄ F̄ᵀ with F̄ = [F_1 .. F_n] / sqrt(n).
             fac = fac.view(n, B, fac.shape[1], fac.shape[2]).permute(1, 2, 0, 3).reshape(B, fac.shape[1], -1)
             fac = fac / n ** 0.5
@@ -413,4 +441,4 @@ def group_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = N
             top = top.clamp_min(0)
         l2 = lambda2 + top if shift else torch.full_like(top, float(lambda2))
         delta = caso_solve(grad, hvp, lambda1, l2, n_iter=n_iter, lr=lr)
-    return delta.detach().view_as(x)
+    return delta.detach().to(x.dtype).view_as(x)

@@ -62,10 +62,35 @@ def test_eigen_analysis_matches_dense_eigendecomposition(trained_digits_cnn, dig
         assert torch.allclose(info.gradient, g, atol=1e-10)
         assert torch.allclose(info.cosine, F.cosine_similarity(v1, g).abs(), atol=1e-8)
         assert torch.allclose(info.top_share, w[:, -1] / H.diagonal(dim1=1, dim2=2).sum(1))
-        assert torch.allclose(info.confidence, net(x).softmax(1).amax(1))
+        probs = net(x).softmax(1).topk(2).values
+        assert torch.allclose(info.confidence, probs[:, 0])
+        assert torch.allclose(info.runner_up_share, probs[:, 1] / (1 - probs[:, 0]), rtol=1e-6)
         assert ((info.top_eigenvector * info.gradient).sum(1) >= 0).all()
     finally:
         trained_digits_cnn.float()
+
+
+def test_confident_predictions_with_one_runner_up_give_a_rank_one_hessian_along_the_gradient():
+    """The paper's limit: p_max -> 1 with the rest on one class makes H rank one and parallel to the gradient."""
+    torch.manual_seed(0)
+    lin = nn.Linear(20, 10).double()
+    x = torch.zeros(1, 20, dtype=torch.float64)  # logits = bias
+    cos, share = [], []
+    for margin in (1.0, 4.0, 10.0, 30.0):
+        with torch.no_grad():
+            lin.bias.copy_(torch.tensor([margin, 0.0] + [-3 * margin] * 8, dtype=torch.float64))
+        info = hessian_eigen_analysis(lin, x)
+        cos.append(info.cosine.item())
+        share.append(info.top_share.item())
+    assert all(b >= a - 1e-12 for a, b in zip(cos, cos[1:])) and cos[0] < 0.99
+    assert all(b >= a - 1e-12 for a, b in zip(share, share[1:])) and share[0] < 0.99
+    assert cos[-1] > 1 - 1e-9 and share[-1] > 1 - 1e-9  # float64 keeps the 1e-13 curvature exact
+    # Two equally likely runner-ups: confident, yet the Hessian stays rank two.
+    with torch.no_grad():
+        lin.bias.copy_(torch.tensor([30.0, 0.0, 0.0] + [-90.0] * 7, dtype=torch.float64))
+    info = hessian_eigen_analysis(lin, x)
+    assert info.confidence.item() > 1 - 1e-12 and info.runner_up_share.item() == pytest.approx(0.5)
+    assert info.top_share.item() < 0.9
 
 
 def test_hessian_vector_products_for_smooth_and_relu_nets():
