@@ -132,8 +132,11 @@ class InterpretationRegularizedClassifier(Classifier):
         x_pert = self._perturbed(x, y, x_ce).detach()
         valid = (x_pert != x).flatten(1).any(1)
         B = x.shape[0]
-        with torch.no_grad():
-            cls = self(x).argmax(1)
+        if x_ce is x:
+            cls = logits.detach().argmax(1)
+        else:
+            with torch.no_grad():
+                cls = self(x).argmax(1)
         both = torch.cat([x, x_pert]).detach().requires_grad_(True)
         z = self(both)
         # create_graph: the saliency maps stay functions of the weights (double backpropagation).

@@ -1,5 +1,7 @@
 """Closed-form ReLU input Hessian, its spectrum, Hessian-vector products and CASO/CAFO (arXiv 1902.00407)."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,8 +84,8 @@ def test_confident_predictions_with_one_runner_up_give_a_rank_one_hessian_along_
         info = hessian_eigen_analysis(lin, x)
         cos.append(info.cosine.item())
         share.append(info.top_share.item())
-    assert all(b >= a - 1e-12 for a, b in zip(cos, cos[1:])) and cos[0] < 0.99
-    assert all(b >= a - 1e-12 for a, b in zip(share, share[1:])) and share[0] < 0.99
+    assert all(b >= a - 1e-12 for a, b in itertools.pairwise(cos)) and cos[0] < 0.99
+    assert all(b >= a - 1e-12 for a, b in itertools.pairwise(share)) and share[0] < 0.99
     assert cos[-1] > 1 - 1e-9 and share[-1] > 1 - 1e-9  # float64 keeps the 1e-13 curvature exact
     # Two equally likely runner-ups: confident, yet the Hessian stays rank two.
     with torch.no_grad():
