@@ -3,12 +3,17 @@
 * Batched SmoothGrad (``n`` noisy gradients evaluated ``batch_size`` at a time) against ``n`` separate
   single-input gradient computations (target: at most 0.6 of their time).
 * Our SmoothGrad against captum's ``NoiseTunnel(Saliency)`` at the same settings (same number of draws,
-  same batch size, same model, signed gradients; target: time ratio at most 1.0).
+  same batch size, same model, signed gradients; target: time ratio at most 1.0). The three SmoothGrad
+  variants are timed in alternation (median of 15 rounds), so that a busy machine slows them alike.
 * The closed-form ReLU input Hessian ``Jᵀ(diag(p) - ppᵀ)J`` against ``torch.autograd.functional.hessian``
   (one input at a time, as that function takes it).
 """
 
 from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +21,20 @@ import torch.nn.functional as F
 from benchmarks.common import markdown_table, timeit
 from lightning_robust.interpret import gradient_saliency, relu_input_hessian, smoothgrad
 from lightning_robust.nets import SmallCNN
+
+
+def _interleaved(fns: list[Callable[[], object]], repeat: int) -> list[float]:
+    """Median seconds of each function, timed in alternation so that load changes on a shared machine hit
+    all of them alike (sequential medians drift by several percent on a busy 2-core machine)."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, out in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def _smoothgrad_rows(size: int, n: int, batch_size: int, repeat: int) -> list[list[object]]:
@@ -40,9 +59,7 @@ def _smoothgrad_rows(size: int, n: int, batch_size: int, repeat: int) -> list[li
         tunnel.attribute(x, nt_type="smoothgrad", nt_samples=n, nt_samples_batch_size=batch_size, stdevs=0.15,
                          target=target, abs=False)
 
-    t_loop = timeit(one_by_one, repeat=repeat)
-    t_ours = timeit(ours, repeat=repeat)
-    t_cap = timeit(captum, repeat=repeat)
+    t_loop, t_ours, t_cap = _interleaved([one_by_one, ours, captum], repeat=3 * repeat)
     label = f"SmallCNN {size}x{size}, n={n}, batch {batch_size}"
     return [[label, t_loop, t_ours, t_ours / t_loop, t_cap, t_ours / t_cap]]
 
