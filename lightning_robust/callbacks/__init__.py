@@ -2,8 +2,10 @@
 
 from lightning_robust.callbacks.certification import CertificationCallback
 from lightning_robust.callbacks.likelihood_histogram import LikelihoodHistogram
+from lightning_robust.callbacks.saliency_certification import SaliencyCertification
 
 __all__ = [
     "CertificationCallback",
     "LikelihoodHistogram",
+    "SaliencyCertification",
 ]
