@@ -1,11 +1,19 @@
 """Callbacks usable on any LightningModule (they never import ``lightning_robust.models``).
 
 ``AtomicCheckpointIO`` is a Trainer plugin rather than a callback; it lives here with the other Lightning
-extension points.
-"""
+extension points."""
 
 from lightning_robust.callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_robust.callbacks.certification import CertificationCallback
 from lightning_robust.callbacks.finite_loss_guard import FiniteLossGuard, NonFiniteLossError
+from lightning_robust.callbacks.likelihood_histogram import LikelihoodHistogram
+from lightning_robust.callbacks.saliency_certification import SaliencyCertification
 
-__all__ = ["AtomicCheckpointIO", "CertificationCallback", "FiniteLossGuard", "NonFiniteLossError"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "CertificationCallback",
+    "FiniteLossGuard",
+    "LikelihoodHistogram",
+    "NonFiniteLossError",
+    "SaliencyCertification",
+]

@@ -7,9 +7,11 @@ from lightning_robust.metrics.perplexity import (
     per_word_perplexity,
     train_causal_lm,
 )
+from lightning_robust.metrics.topk_intersection import TopKIntersection
 
 __all__ = [
     "CertifiedAccuracy",
+    "TopKIntersection",
     "certified_accuracy",
     "evaluate_text_attack",
     "load_causal_lm",

@@ -1,11 +1,15 @@
 """LightningModules."""
 
 from lightning_robust.models.classifier import Classifier
+from lightning_robust.models.entropic_gan import EntropicGAN
 from lightning_robust.models.gan import GAN
+from lightning_robust.models.interpretation import InterpretationRegularizedClassifier
 from lightning_robust.models.text_classifier import TextClassifier
 
 __all__ = [
     "Classifier",
+    "EntropicGAN",
     "GAN",
+    "InterpretationRegularizedClassifier",
     "TextClassifier",
 ]

@@ -240,6 +240,11 @@ class GAN(pl.LightningModule):
         return list(self.discriminator.parameters())
 
     # ---- training -------------------------------------------------------------------------------------
+    def generator_step_due(self) -> bool:
+        """Whether this batch also updates the generator (every ``n_critic``-th batch; subclasses may veto,
+        e.g. while the critic is not yet fit). Must return the same on every DDP rank."""
+        return int(self.gan_step) % self.n_critic == 0
+
     @staticmethod
     def real_from_batch(batch: Any) -> torch.Tensor:
         """The real samples of a batch: a tensor, or the ``x`` of ``(x, y[, index])`` / dict batches."""
@@ -265,7 +270,7 @@ class GAN(pl.LightningModule):
         for k, v in d_logs.items():
             self.log(f"train/{k}", v, on_step=False, on_epoch=True, sync_dist=True)
 
-        if int(self.gan_step) % self.n_critic == 0:
+        if self.generator_step_due():
             z = self.sample_latents(n, self.step_generator("g"))
             g_loss, g_logs = self.generator_loss(self.generate(z), real)
             opt_g.zero_grad(set_to_none=True)

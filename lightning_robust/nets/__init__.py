@@ -1,6 +1,9 @@
 """Plain ``nn.Module`` networks (no Lightning imports): images in [0, 1], optional normalization layer."""
 
+from lightning_robust.nets.dual_critic import DualCritic
 from lightning_robust.nets.mlp import MLP
+from lightning_robust.nets.mlp_generator import MLPGenerator
+from lightning_robust.nets.mnist_gan import MNISTCriticTrunk, MNISTGenerator
 from lightning_robust.nets.mobilenet_v2 import MobileNetV2
 from lightning_robust.nets.normalize import Normalize
 from lightning_robust.nets.registry import available_nets, build_net, register_net
@@ -11,6 +14,9 @@ from lightning_robust.nets.wide_resnet import WideResNet
 
 for _name, _factory in {
     "mlp": MLP,
+    "mlp_generator": MLPGenerator,
+    "mnist_critic_trunk": MNISTCriticTrunk,
+    "mnist_generator": MNISTGenerator,
     "mobilenet_v2": MobileNetV2,
     "resnet18": ResNet18,
     "resnet32": ResNet32,
@@ -22,7 +28,11 @@ for _name, _factory in {
     register_net(_name, _factory)
 
 __all__ = [
+    "DualCritic",
     "MLP",
+    "MLPGenerator",
+    "MNISTCriticTrunk",
+    "MNISTGenerator",
     "MobileNetV2",
     "Normalize",
     "ResNet18",

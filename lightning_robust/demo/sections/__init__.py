@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from lightning_robust.demo.context import DemoContext
 from lightning_robust.demo.report import Report
-from lightning_robust.demo.sections import certification, classifier, text_spgd
+from lightning_robust.demo.sections import certification, classifier, entropic_gan, interpretation, text_spgd
 
 SectionFn = Callable[[DemoContext, Report], None]
 
@@ -16,6 +16,8 @@ SECTIONS: list[tuple[str, str, SectionFn]] = [
     ("classifier", "Classifier on the bundled digits", classifier.run),
     ("certification", "Robustness certificates for ReLU networks", certification.run),
     ("text_spgd", text_spgd.TITLE, text_spgd.run),
+    ("entropic_gan", "Entropic GAN and per-sample likelihoods", entropic_gan.run),
+    ("interpretation", "Interpretation: certified SmoothGrad and second-order explanations", interpretation.run),
 ]
 
 __all__ = ["SECTIONS", "SectionFn"]
