@@ -22,7 +22,7 @@ from pytorch_lightning.cli import ArgsType, LightningCLI
 import lightning_robust.callbacks
 import lightning_robust.datamodules
 import lightning_robust.models  # noqa: F401  (registers subclasses for class_path resolution)
-from lightning_robust.callbacks import AtomicCheckpointIO, FiniteLossGuard
+from lightning_robust.callbacks import AtomicCheckpointIO, FiniteLossGuard, RNGStateCheckpoint
 
 __all__ = ["LightningRobustCLI", "main"]
 
@@ -35,7 +35,8 @@ class LightningRobustCLI(LightningCLI):
     * optimizers are constructor arguments of our modules (``auto_configure_optimizers=False``);
     * reliability defaults: checkpoints are written atomically (:class:`AtomicCheckpointIO`, unless the
       config names another CheckpointIO plugin) and a :class:`FiniteLossGuard` stops training at the first
-      NaN/inf loss (unless the config already has one).
+      NaN/inf loss, and :class:`RNGStateCheckpoint` puts the random generators' states in checkpoints
+      (each unless the config already has one).
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
@@ -59,8 +60,9 @@ class LightningRobustCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         config["plugins"] = plugins
         given = list(config.get("callbacks") or []) + list(callbacks)
-        if not any(isinstance(c, FiniteLossGuard) for c in given):
-            callbacks = [*callbacks, FiniteLossGuard()]
+        for default in (FiniteLossGuard, RNGStateCheckpoint):
+            if not any(isinstance(c, default) for c in given):
+                callbacks = [*callbacks, default()]
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_classes(self) -> None:

@@ -7,6 +7,7 @@ from lightning_robust.callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_robust.callbacks.certification import CertificationCallback
 from lightning_robust.callbacks.finite_loss_guard import FiniteLossGuard, NonFiniteLossError
 from lightning_robust.callbacks.likelihood_histogram import LikelihoodHistogram
+from lightning_robust.callbacks.rng_state import RNGStateCheckpoint
 from lightning_robust.callbacks.saliency_certification import SaliencyCertification
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "FiniteLossGuard",
     "LikelihoodHistogram",
     "NonFiniteLossError",
+    "RNGStateCheckpoint",
     "SaliencyCertification",
 ]

@@ -178,6 +178,9 @@ class RobustDataModule(pl.LightningDataModule):
 
     def _loader(self, ds: Dataset, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
         sampler = EpochShuffleSampler(len(ds), self.seed) if shuffle else None  # type: ignore[arg-type]
+        # The loader's own generator: creating an iterator draws the workers' base seed from it, and would
+        # otherwise advance the *global* RNG at every epoch start, a draw that a resumed run cannot replay
+        # in the same order (so RNGStateCheckpoint could not make resumption exact).
         return DataLoader(
             ds,
             batch_size=batch_size,
@@ -186,6 +189,7 @@ class RobustDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,
             drop_last=drop_last,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _require(self, ds: Dataset | None, split: str) -> Dataset:

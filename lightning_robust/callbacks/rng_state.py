@@ -1,0 +1,113 @@
+"""Put the random generators' states into checkpoints, so that resuming continues the same random stream.
+
+Lightning checkpoints hold weights, optimizer and scheduler states, loop counters and callback states,
+but not the global random generators. Anything that draws from them after a resume — the random start
+of PGD/FGSM in adversarial training, dropout, noise in SmoothGrad — then draws different numbers than
+the uninterrupted run would have, and "resume gives the same result" fails. :class:`RNGStateCheckpoint`
+saves the states of Python's ``random``, NumPy's global generator, torch's CPU generator and every CUDA
+generator, for every rank (gathered to the checkpoint that rank 0 writes), and restores each rank's own
+state on load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import pickle
+import random
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+__all__ = ["RNGStateCheckpoint", "capture_rng_state", "restore_rng_state"]
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The states of Python's, NumPy's and torch's (CPU and CUDA) global generators, as tensors/primitives.
+
+    Python's and NumPy's states are stored as byte tensors so the checkpoint stays weights-only loadable.
+    """
+    state: dict[str, Any] = {
+        "python": torch.frombuffer(bytearray(pickle.dumps(random.getstate())), dtype=torch.uint8),
+        "numpy": torch.frombuffer(bytearray(pickle.dumps(np.random.get_state())), dtype=torch.uint8),  # noqa: NPY002
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore a state captured by :func:`capture_rng_state`.
+
+    The byte tensors were written by :func:`capture_rng_state` in a checkpoint the user chose to resume
+    from; they hold only a tuple of ints / a NumPy state tuple, which ``pickle`` rebuilds without running
+    user code (the checkpoint itself was already read with ``weights_only=True``).
+    """
+    random.setstate(_unpickle_state(state["python"]))
+    np.random.set_state(_unpickle_state(state["numpy"]))  # noqa: NPY002  (the legacy global generator is what users seed)
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+class _StateOnlyUnpickler(pickle.Unpickler):
+    """Only the builtins and the NumPy dtype needed by ``random.getstate()`` / ``np.random.get_state()``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
+            for candidate in ("numpy._core.multiarray", "numpy.core.multiarray"):
+                try:
+                    return getattr(importlib.import_module(candidate), name)
+                except (ImportError, AttributeError):
+                    continue
+        if (module, name) in (("numpy", "ndarray"), ("numpy", "dtype")):
+            return getattr(np, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name} in a random-generator state")
+
+
+def _unpickle_state(blob: torch.Tensor) -> Any:
+    return _StateOnlyUnpickler(io.BytesIO(blob.cpu().numpy().tobytes())).load()
+
+
+class RNGStateCheckpoint(pl.Callback):
+    """Save every rank's random-generator states in checkpoints and restore them on resume.
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[RNGStateCheckpoint(), ModelCheckpoint(save_last=True)])
+        >>> trainer.fit(model, ckpt_path="last")   # continues the same random stream on every rank
+
+    The ``lightning-robust`` CLI installs it by default.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaded: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # Called on every rank while the checkpoint is assembled; rank 0's copy is written, so gather.
+        mine = capture_rng_state()
+        trainer = getattr(self, "_trainer", None)
+        world = trainer.world_size if trainer is not None else 1
+        if world == 1:
+            return {"ranks": [mine]}
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)
+        return {"ranks": gathered}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Restore as late as possible, after Lightning's own start-up code that may draw random numbers.
+        if self._loaded is None:
+            return
+        ranks = self._loaded["ranks"]
+        restore_rng_state(ranks[trainer.global_rank] if trainer.global_rank < len(ranks) else ranks[0])
+        self._loaded = None
