@@ -7,7 +7,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from lightning_robust.callbacks import RNGStateCheckpoint
-
 from tests.reliability.resume_cases import CASES, EPOCHS, TRAINER_KW
 
 
