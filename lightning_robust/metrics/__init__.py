@@ -1,3 +1,5 @@
-"""metrics (filled in by later issues)."""
+"""torchmetrics ``Metric`` subclasses and their functional forms."""
 
-__all__: list[str] = []
+from lightning_robust.metrics.poison_detection import PoisonDetection, poison_detection_scores
+
+__all__ = ["PoisonDetection", "poison_detection_scores"]
