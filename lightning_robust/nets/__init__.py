@@ -1,5 +1,6 @@
 """Plain ``nn.Module`` networks (no Lightning imports): images in [0, 1], optional normalization layer."""
 
+from lightning_robust.nets.linear_probe import LinearProbe
 from lightning_robust.nets.mlp import MLP
 from lightning_robust.nets.mobilenet_v2 import MobileNetV2
 from lightning_robust.nets.normalize import Normalize
@@ -19,6 +20,7 @@ for _name, _factory in {
     register_net(_name, _factory)
 
 __all__ = [
+    "LinearProbe",
     "MLP",
     "MobileNetV2",
     "Normalize",
