@@ -185,9 +185,10 @@ class PoisonAttack(ABC):
     def __call__(self, feature_extractor: nn.Module | Sequence[nn.Module], base: torch.Tensor,
                  target: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Return poisons shaped like ``base`` (detached, in [0, 1])."""
-        extractors = list(feature_extractor) if isinstance(feature_extractor, (list, tuple)) else [feature_extractor]
-        if not extractors or not all(isinstance(e, nn.Module) for e in extractors):
+        given = list(feature_extractor) if isinstance(feature_extractor, (list, tuple)) else [feature_extractor]
+        if not given or not all(isinstance(e, nn.Module) for e in given):
             raise TypeError("feature_extractor must be an nn.Module or a non-empty sequence of nn.Modules")
+        extractors: list[nn.Module] = [e for e in given if isinstance(e, nn.Module)]
         check_image_range("base", base)
         check_image_range("target", target)
         if base.ndim < 2 or base.shape[0] == 0:

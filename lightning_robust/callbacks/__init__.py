@@ -1,3 +1,5 @@
 """Callbacks usable on any LightningModule (they never import ``lightning_robust.models``)."""
 
-__all__: list[str] = []
+from lightning_robust.callbacks.poison_filter import FILTER_METHODS, DeepKNNPoisonFilter
+
+__all__ = ["FILTER_METHODS", "DeepKNNPoisonFilter"]

@@ -21,7 +21,7 @@ __all__ = ["l2_outlier_filter", "one_class_svm_filter", "random_eviction"]
 
 
 def _per_class_count(n_c: int, fraction: float) -> int:
-    return int(round(fraction * n_c))
+    return round(fraction * n_c)
 
 
 def l2_outlier_filter(features: torch.Tensor, labels: torch.Tensor, fraction: float = 0.05) -> torch.Tensor:

@@ -84,7 +84,7 @@ def test_simplex_least_squares_matches_scipy():
         target = torch.randn(d, generator=g, dtype=torch.float64)
         c = simplex_least_squares(feats, target, steps=5000, tol=1e-12)
         f, t = feats.numpy(), target.numpy()
-        res = minimize(lambda z: ((f.T @ z - t) ** 2).sum(), np.full(k, 1 / k), method="SLSQP",
+        res = minimize(lambda z, f=f, t=t: ((f.T @ z - t) ** 2).sum(), np.full(k, 1 / k), method="SLSQP",
                        bounds=[(0, None)] * k, constraints={"type": "eq", "fun": lambda z: z.sum() - 1},
                        options={"ftol": 1e-15, "maxiter": 1000})
         ours = float(((feats.T @ c - target) ** 2).sum())

@@ -21,10 +21,7 @@ def _brute_counts(x: torch.Tensor, y: torch.Tensor, k: int, copies: torch.Tensor
         row = d[i].clone()
         row[i] = float("inf")
         order = torch.sort(row, stable=True).indices[: n - 1]
-        if copies is None:
-            nb = order[:k]
-        else:
-            nb = order.repeat_interleave(copies[order])[:k]
+        nb = order[:k] if copies is None else order.repeat_interleave(copies[order])[:k]
         out[i] = torch.bincount(y[nb], minlength=c)
     return out
 
