@@ -151,6 +151,12 @@ class DeepKNNPoisonFilter(pl.Callback):
         self.filtered_before_epoch: int | None = None
         self.detection: dict[str, float] = {}
 
+    @property
+    def state_key(self) -> str:
+        # Several filters may share a Trainer (e.g. a baseline after the k-NN filter): key the checkpoint
+        # state by what defines the decision point, not by k, so a resumed run may change k freely.
+        return self._generate_state_key(method=self.method, layer=self.layer, filter_epoch=self.filter_epoch)
+
     # ---- hooks ---------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -320,8 +326,8 @@ class DeepKNNPoisonFilter(pl.Callback):
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         rank_zero_info(f"DeepKNNPoisonFilter ({self.method}{'' if self.k_used is None else f', k={self.k_used}'}):"
                        f" removed {len(removed)} of {self.num_examples} training samples from {target.source}")
+        path = self.output_path(trainer)  # on every rank: `trainer.log_dir` is a collective under DDP
         if trainer.is_global_zero:
-            path = self.output_path(trainer)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({
                 "method": self.method, "k": self.k_used, "filtered_before_epoch": self.filtered_before_epoch,
@@ -330,7 +336,7 @@ class DeepKNNPoisonFilter(pl.Callback):
             }, indent=1))
 
     def output_path(self, trainer: pl.Trainer) -> Path:
-        """Where the removed positions are written."""
+        """Where the removed positions are written (call on every rank: ``log_dir`` broadcasts under DDP)."""
         if self.output_file is not None:
             return Path(self.output_file)
         root = trainer.log_dir or trainer.default_root_dir
