@@ -1,6 +1,7 @@
 """DeepKNNPoisonFilter on a foreign LightningModule: planted mislabelled points, loaders, resume, errors."""
 
 import json
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -142,7 +143,7 @@ def test_baseline_methods(tmp_path, method):
 
 
 def test_missing_layer_k_too_large_and_unsupported_data(tmp_path):
-    with pytest.raises(ValueError, match="layer 'backbone.7' does not exist in ForeignClassifier"):
+    with pytest.raises(ValueError, match=r"layer 'backbone\.7' does not exist in ForeignClassifier"):
         single_trainer(tmp_path, max_epochs=1, callbacks=[DeepKNNPoisonFilter(layer="backbone.7")]).fit(
             ForeignClassifier(), datamodule=_noisy_dm())
     small = DigitsDataModule(val_fraction=0.0, with_index=True, classes=[0, 1], test_fraction=0.9)
@@ -151,7 +152,7 @@ def test_missing_layer_k_too_large_and_unsupported_data(tmp_path):
             ForeignClassifier(), datamodule=small)
     x, y = load_digits_tensors()
     plain = DataLoader(TensorDataset(x[:100], y[:100]), batch_size=50)
-    with pytest.raises(RuntimeError, match="wrap the training dataset in lightning_robust.datamodules.FilteredDataset"):
+    with pytest.raises(RuntimeError, match=r"wrap the training dataset in lightning_robust\.datamodules\.FilteredDataset"):
         single_trainer(tmp_path, max_epochs=2, callbacks=[DeepKNNPoisonFilter(filter_epoch=1)]).fit(
             ForeignClassifier(), plain)
 
