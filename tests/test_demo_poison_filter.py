@@ -2,11 +2,13 @@
 
 import re
 
+import pytest
 from PIL import Image
 
 from lightning_robust.demo.__main__ import main
 
 
+@pytest.mark.slow
 def test_poison_filter_section_fast(tmp_path):
     assert main(["--out", str(tmp_path), "--fast", "--only", "poison_filter"]) == 0
     text = (tmp_path / "report.md").read_text()

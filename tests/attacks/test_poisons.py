@@ -79,7 +79,7 @@ def test_simplex_least_squares_matches_scipy():
     from scipy.optimize import minimize
 
     g = torch.Generator().manual_seed(1)
-    for k, d in ((3, 10), (5, 40), (6, 4)):
+    for k, d in ((3, 10), (5, 40), (6, 4), (12, 30)):  # k <= 10: exact enumeration; 12: FISTA
         feats = torch.randn(k, d, generator=g, dtype=torch.float64)
         target = torch.randn(d, generator=g, dtype=torch.float64)
         c = simplex_least_squares(feats, target, steps=5000, tol=1e-12)
@@ -100,7 +100,7 @@ def test_convex_polytope_puts_the_target_inside_the_hull():
     shift = 0.05 * (torch.rand(base.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) - 0.5)
     target = (mix.view(-1, 1, 1, 1) * (base + shift)).sum(0)
     ensemble = [Flat(), nn.Sequential(nn.Flatten(), nn.Identity())]
-    attack = ConvexPolytope(steps=400, lr=0.005, eps=0.05)
+    attack = ConvexPolytope(steps=150, lr=0.005, eps=0.05)
     poisons = attack(ensemble, base, target)
     assert (poisons - base).abs().max() <= 0.05 + 1e-9
     feats = [f(poisons) for f in ensemble]
