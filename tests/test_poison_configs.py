@@ -49,3 +49,4 @@ def test_cifar10_config_parses(tmp_path):
     assert type(cli.datamodule).__name__ == "PoisonedDataModule"
     assert type(cli.datamodule.datamodule).__name__ == "CIFAR10DataModule"
     assert cli.datamodule.examples_per_class == 50 and cli.datamodule.attack.steps == 4000
+    assert cli.datamodule.datamodule.augment is False
