@@ -2,10 +2,13 @@
 
 from lightning_robust.callbacks.certification import CertificationCallback
 from lightning_robust.callbacks.likelihood_histogram import LikelihoodHistogram
+from lightning_robust.callbacks.poison_filter import FILTER_METHODS, DeepKNNPoisonFilter
 from lightning_robust.callbacks.saliency_certification import SaliencyCertification
 
 __all__ = [
     "CertificationCallback",
+    "DeepKNNPoisonFilter",
+    "FILTER_METHODS",
     "LikelihoodHistogram",
     "SaliencyCertification",
 ]

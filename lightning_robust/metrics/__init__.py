@@ -7,14 +7,17 @@ from lightning_robust.metrics.perplexity import (
     per_word_perplexity,
     train_causal_lm,
 )
+from lightning_robust.metrics.poison_detection import PoisonDetection, poison_detection_scores
 from lightning_robust.metrics.topk_intersection import TopKIntersection
 
 __all__ = [
     "CertifiedAccuracy",
+    "PoisonDetection",
     "TopKIntersection",
     "certified_accuracy",
     "evaluate_text_attack",
     "load_causal_lm",
     "per_word_perplexity",
+    "poison_detection_scores",
     "train_causal_lm",
 ]
