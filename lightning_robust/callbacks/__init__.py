@@ -1,3 +1,5 @@
 """Callbacks usable on any LightningModule (they never import ``lightning_robust.models``)."""
 
-__all__: list[str] = []
+from lightning_robust.callbacks.robustness_evaluation import RobustnessEvaluation
+
+__all__ = ["RobustnessEvaluation"]

@@ -1,3 +1,5 @@
-"""metrics (filled in by later issues)."""
+"""torchmetrics metrics of robustness (synchronised across processes)."""
 
-__all__: list[str] = []
+from lightning_robust.metrics.robust_accuracy import RobustAccuracy
+
+__all__ = ["RobustAccuracy"]
