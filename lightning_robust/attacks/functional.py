@@ -161,8 +161,8 @@ def optimize_perturbations(
     Maximizes ``objective(logits, y) - Σ_k λ_k R_k(θ_k)`` per sample over ``steps`` steps of Adam
     (``optimizer="adam"``, learning rate ``lr``) or signed gradient ascent (``"sign"``, step ``lr``),
     projecting each ``θ_k`` after every step. Every iterate (the start included) is scored; per sample
-    the successful iterate with the highest objective wins, else the failed one with the highest
-    objective. Gradients flow to the parameters only, through ``torch.autograd.grad``.
+    the successful iterate with the highest regularized objective wins, else the failed one with the
+    highest attack objective. Gradients flow to the parameters only, through ``torch.autograd.grad``.
 
     Args:
         model: maps inputs to logits (already in the mode the caller wants).
@@ -183,18 +183,21 @@ def optimize_perturbations(
     best_obj = torch.full((x.shape[0],), float("-inf"), device=x.device)
     for step in range(steps + 1):
         logits = model(apply_chain(components, x, params))
-        total = objective(logits, y)
+        adversarial = objective(logits, y)
+        total = adversarial
         for comp, p in zip(components, params):
             if comp.smoothness_weight:
                 total = total - comp.smoothness_weight * comp.regularizer(p)
         with torch.no_grad():
             ok = success(logits, y)
-            obj = total.detach()
-            # A success beats a failure; between equals, the higher objective wins.
-            better = (ok & ~best_success) | ((ok == best_success) & (obj > best_obj))
+            # A success beats a failure; among successes the smoothest (highest regularized objective)
+            # wins, among failures the strongest (highest attack loss): the penalty guides the search but
+            # must not make a failed attack fall back to the identity.
+            score = torch.where(ok, total.detach(), adversarial.detach())
+            better = (ok & ~best_success) | ((ok == best_success) & (score > best_obj))
             for b, p in zip(best, params):
                 b[better] = p.detach()[better]
-            best_obj = torch.where(better, obj, best_obj)
+            best_obj = torch.where(better, score, best_obj)
             best_success |= ok
         if step == steps:
             break

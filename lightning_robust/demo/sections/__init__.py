@@ -8,12 +8,13 @@ from collections.abc import Callable
 
 from lightning_robust.demo.context import DemoContext
 from lightning_robust.demo.report import Report
-from lightning_robust.demo.sections import classifier
+from lightning_robust.demo.sections import attacks, classifier
 
 SectionFn = Callable[[DemoContext, Report], None]
 
 SECTIONS: list[tuple[str, str, SectionFn]] = [
     ("classifier", "Classifier on the bundled digits", classifier.run),
+    ("attacks", "Adversarial attacks and adversarial training", attacks.run),
 ]
 
 __all__ = ["SECTIONS", "SectionFn"]
