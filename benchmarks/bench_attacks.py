@@ -7,19 +7,45 @@
   (no random start, so both run the identical algorithm), timed side by side; the ratio is ours / theirs
   (target: at most 1.0) and both robust accuracies are reported (same strength expected).
 
+Both comparisons run the two sides alternately and report the median of the per-pair time ratios, so that
+the load of a shared machine drifting between the two measurements does not bias the ratio.
+
 Nets: the digits SmallCNN at 28x28 (trained for a few epochs on the bundled digits, so robust accuracy
 means something) and an untrained CIFAR-size ResNet-18 (speed only).
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import markdown_table, timeit
+from benchmarks.common import markdown_table, sync
 from lightning_robust.attacks import PGD
 from lightning_robust.datamodules import load_digits_tensors
 from lightning_robust.nets import ResNet18, SmallCNN
+
+
+def paired_times(fa: Callable[[], object], fb: Callable[[], object], repeat: int) -> tuple[float, float, float]:
+    """Median times of ``fa`` and ``fb`` run alternately, and the median of the per-pair ratios ``b / a``.
+
+    Alternating the two keeps slow drifts of a shared machine's load out of the ratio.
+    """
+    fa()
+    fb()
+    ta, tb = [], []
+    for _ in range(repeat):
+        for f, out in ((fa, ta), (fb, tb)):
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            out.append(time.perf_counter() - t0)
+    ratios = [b / a for a, b in zip(ta, tb)]
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
 def _plain_passes(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int) -> None:
@@ -57,25 +83,26 @@ def run(quick: bool = False) -> str:
     resnet = ResNet18(num_classes=10).eval()
     xr = torch.rand(8 if quick else 32, 3, 32, 32)
     yr = torch.randint(0, 10, (xr.shape[0],))
-    repeat = 2 if quick else 5
+    repeat = 2 if quick else 7
     k = 10
 
     overhead_rows = []
     for name, net, xs, ys in (("SmallCNN 28x28", digits_net, xb, yb), ("ResNet-18 32x32", resnet, xr, yr)):
         attack = PGD(eps=8 / 255, alpha=2 / 255, steps=k, random_start=True)
-        t_attack = timeit(lambda a=attack, m=net, u=xs, v=ys: a(m, u, v), repeat=repeat)  # type: ignore[misc]
-        t_plain = timeit(lambda m=net, u=xs, v=ys: _plain_passes(m, u, v, k), repeat=repeat)  # type: ignore[misc]
-        overhead_rows.append([name, xs.shape[0], k, t_plain, t_attack, t_attack / t_plain])
+        t_plain, t_attack, ratio = paired_times(lambda m=net, u=xs, v=ys: _plain_passes(m, u, v, k),  # type: ignore[misc]
+                                                lambda a=attack, m=net, u=xs, v=ys: a(m, u, v),  # type: ignore[misc]
+                                                repeat)
+        overhead_rows.append([name, xs.shape[0], k, t_plain, t_attack, ratio])
 
     vs_rows = []
     for eps, steps in ((0.1, 10), (0.2, 20)):
         ours = PGD(eps=eps, alpha=eps / 4, steps=steps, random_start=False)
         theirs = torchattacks.PGD(digits_net, eps=eps, alpha=eps / 4, steps=steps, random_start=False)
-        t_ours = timeit(lambda a=ours: a(digits_net, xb, yb), repeat=repeat)  # type: ignore[misc]
-        t_theirs = timeit(lambda a=theirs: a(xb, yb), repeat=repeat)  # type: ignore[misc]
+        t_theirs, t_ours, ratio = paired_times(lambda a=theirs: a(xb, yb),  # type: ignore[misc]
+                                               lambda a=ours: a(digits_net, xb, yb), repeat)  # type: ignore[misc]
         acc_ours = _accuracy(digits_net, ours(digits_net, xb, yb), yb)
         acc_theirs = _accuracy(digits_net, theirs(xb, yb), yb)
-        vs_rows.append([f"eps={eps}, alpha={eps / 4:.3g}, steps={steps}", t_ours, t_theirs, t_ours / t_theirs,
+        vs_rows.append([f"eps={eps}, alpha={eps / 4:.3g}, steps={steps}", t_ours, t_theirs, ratio,
                         acc_ours, acc_theirs])
     clean = _accuracy(digits_net, xb, yb)
     return (
