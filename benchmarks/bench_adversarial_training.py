@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from functools import partial
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.bench_attacks import clock
 from benchmarks.common import markdown_table
 from lightning_robust.attacks import FGSM, PGD
 from lightning_robust.datamodules import DigitsDataModule
@@ -41,9 +41,10 @@ def _fit(mode: str, epochs: int) -> tuple[Classifier, float]:
     model = Classifier(SmallCNN(input_size=8), optimizer=partial(torch.optim.Adam, lr=2e-3), **kwargs)  # type: ignore[arg-type]
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    t0 = time.perf_counter()
+    now = clock()
+    t0 = now()
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=64, val_fraction=0.0, seed=0))
-    return model.eval(), time.perf_counter() - t0
+    return model.eval(), now() - t0
 
 
 def _acc(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

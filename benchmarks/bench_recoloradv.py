@@ -12,11 +12,10 @@ Also timed: one ReColorAdv step relative to one PGD step on the same batch.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench_attacks import clock
 from benchmarks.common import markdown_table
 from lightning_robust.attacks import PGD, Attack, Compose, ReColorAdv, StAdv
 from lightning_robust.datamodules import load_digits_tensors
@@ -74,12 +73,13 @@ def run(quick: bool = False) -> str:
 
     # Cost of one attack step, side by side on the same batch.
     net = nets["standard"]
-    t0 = time.perf_counter()
+    now = clock()
+    t0 = now()
     ReColorAdv(steps=10)(net, xt, yt)
-    t_recolor = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_recolor = now() - t0
+    t0 = now()
     PGD(eps=8 / 255, steps=10, random_start=False)(net, xt, yt)
-    t_pgd = time.perf_counter() - t0
+    t_pgd = now() - t0
     return (
         f"### ReColorAdv threat models on grey-RGB 8x8 digits ({n} held-out digits, SmallCNN, {epochs} epochs)\n\n"
         + markdown_table(["attack", *[f"accuracy, {k} model" for k in nets]], rows)
