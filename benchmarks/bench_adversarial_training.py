@@ -5,8 +5,8 @@ al. (arXiv 2001.03994) and Shafahi et al. (arXiv 1904.12843) claim the same robu
 cost. CPU-scale analogue: the digits SmallCNN (8x8, 17 grey levels, so eps = 0.1 L-inf) trained with
 ``lightning_robust.models.Classifier`` and evaluated on the held-out test split with PGD-20 (step eps/4,
 random start) and FGSM. Training time (process CPU seconds without a GPU) is relative to standard training
-of the same number of epochs
-(free training runs ``epochs / m`` epochs with ``m = 4`` replays, as in the paper).
+of the same number of epochs (free training runs ``epochs / m`` epochs with ``m = 4`` replays, as in the
+paper).
 """
 
 from __future__ import annotations
