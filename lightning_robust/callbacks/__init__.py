@@ -3,6 +3,7 @@
 from lightning_robust.callbacks.certification import CertificationCallback
 from lightning_robust.callbacks.likelihood_histogram import LikelihoodHistogram
 from lightning_robust.callbacks.poison_filter import FILTER_METHODS, DeepKNNPoisonFilter
+from lightning_robust.callbacks.robustness_evaluation import RobustnessEvaluation
 from lightning_robust.callbacks.saliency_certification import SaliencyCertification
 
 __all__ = [
@@ -10,5 +11,6 @@ __all__ = [
     "DeepKNNPoisonFilter",
     "FILTER_METHODS",
     "LikelihoodHistogram",
+    "RobustnessEvaluation",
     "SaliencyCertification",
 ]

@@ -8,11 +8,13 @@ from lightning_robust.metrics.perplexity import (
     train_causal_lm,
 )
 from lightning_robust.metrics.poison_detection import PoisonDetection, poison_detection_scores
+from lightning_robust.metrics.robust_accuracy import RobustAccuracy
 from lightning_robust.metrics.topk_intersection import TopKIntersection
 
 __all__ = [
     "CertifiedAccuracy",
     "PoisonDetection",
+    "RobustAccuracy",
     "TopKIntersection",
     "certified_accuracy",
     "evaluate_text_attack",

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from lightning_robust.demo.context import DemoContext
 from lightning_robust.demo.report import Report
 from lightning_robust.demo.sections import (
+    attacks,
     certification,
     classifier,
     entropic_gan,
@@ -26,6 +27,7 @@ SECTIONS: list[tuple[str, str, SectionFn]] = [
     ("entropic_gan", "Entropic GAN and per-sample likelihoods", entropic_gan.run),
     ("interpretation", "Interpretation: certified SmoothGrad and second-order explanations", interpretation.run),
     ("poison_filter", "Deep k-NN poison filter", poison_filter.run),
+    ("attacks", "Adversarial attacks and adversarial training", attacks.run),
 ]
 
 __all__ = ["SECTIONS", "SectionFn"]
