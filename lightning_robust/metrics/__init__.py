@@ -1,3 +1,5 @@
-"""metrics (filled in by later issues)."""
+"""torchmetrics-based metrics."""
 
-__all__: list[str] = []
+from lightning_robust.metrics.image_quality import ClassifierFeatures, image_quality
+
+__all__ = ["ClassifierFeatures", "image_quality"]

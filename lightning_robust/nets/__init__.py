@@ -1,5 +1,6 @@
 """Plain ``nn.Module`` networks (no Lightning imports): images in [0, 1], optional normalization layer."""
 
+from lightning_robust.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from lightning_robust.nets.mlp import MLP
 from lightning_robust.nets.mobilenet_v2 import MobileNetV2
 from lightning_robust.nets.normalize import Normalize
@@ -9,6 +10,8 @@ from lightning_robust.nets.small_cnn import SmallCNN
 from lightning_robust.nets.wide_resnet import WideResNet
 
 for _name, _factory in {
+    "dcgan_discriminator": DCGANDiscriminator,
+    "dcgan_generator": DCGANGenerator,
     "mlp": MLP,
     "mobilenet_v2": MobileNetV2,
     "resnet18": ResNet18,
@@ -19,6 +22,8 @@ for _name, _factory in {
     register_net(_name, _factory)
 
 __all__ = [
+    "DCGANDiscriminator",
+    "DCGANGenerator",
     "MLP",
     "MobileNetV2",
     "Normalize",

@@ -4,11 +4,13 @@ from lightning_robust.utils.batch import Batch, split_batch
 from lightning_robust.utils.checkpoint import CheckpointError, extract_state_dict, load_module, safe_load
 from lightning_robust.utils.feature_extractor import FeatureExtractor, resolve_layer
 from lightning_robust.utils.image_logging import log_image
+from lightning_robust.utils.params import count_parameters
 
 __all__ = [
     "Batch",
     "CheckpointError",
     "FeatureExtractor",
+    "count_parameters",
     "extract_state_dict",
     "load_module",
     "log_image",
