@@ -308,6 +308,7 @@ class GAN(pl.LightningModule):
         if self.discriminator is None:  # generator-only objective: every batch is a generator step
             self._generator_step(opts, n, real)  # type: ignore[arg-type]
             self.gan_step += 1
+            self._broadcast_buffers()
             return
         opt_g, opt_d = opts  # type: ignore[misc, attr-defined]
 
@@ -329,6 +330,31 @@ class GAN(pl.LightningModule):
         if int(self.gan_step) % self.n_critic == 0:
             self._generator_step(opt_g, n, real)
         self.gan_step += 1
+        self._broadcast_buffers()
+
+    def _broadcast_buffers(self) -> None:
+        """Under DDP, copy rank 0's buffers (BatchNorm statistics, EMA copies) to every rank.
+
+        Each rank updates its BatchNorm running statistics on its own batch; DDP re-broadcasts rank 0's
+        buffers only at the start of the next forward, so after the last step of an epoch the ranks would
+        disagree (and so would their samples, e.g. the shards of an FID evaluation). Broadcasting at the
+        end of every step makes the ranks identical whenever a callback looks.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if torch.distributed.get_world_size() < 2:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buf in self.buffers():
+            by_dtype.setdefault(buf.dtype, []).append(buf)
+        for bufs in by_dtype.values():  # one collective per dtype, not one per tensor
+            flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+            torch.distributed.broadcast(flat, src=0)
+            offset = 0
+            with torch.no_grad():
+                for b in bufs:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
 
     def _generator_step(self, opt_g: Any, n: int, real: torch.Tensor) -> None:
         z = self.sample_latents(n, self.step_generator("g"))

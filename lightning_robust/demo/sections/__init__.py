@@ -8,12 +8,13 @@ from collections.abc import Callable
 
 from lightning_robust.demo.context import DemoContext
 from lightning_robust.demo.report import Report
-from lightning_robust.demo.sections import classifier
+from lightning_robust.demo.sections import classifier, gan_distillation
 
 SectionFn = Callable[[DemoContext, Report], None]
 
 SECTIONS: list[tuple[str, str, SectionFn]] = [
     ("classifier", "Classifier on the bundled digits", classifier.run),
+    ("gan_distillation", "GAN compression by distillation", gan_distillation.run),
 ]
 
 __all__ = ["SECTIONS", "SectionFn"]
