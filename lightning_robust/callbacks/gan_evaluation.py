@@ -12,7 +12,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from lightning_robust.metrics.image_quality import ClassifierFeatures
+from lightning_robust.metrics.image_quality import ClassifierFeatures, PrecomputedFeatures
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.checkpoint import load_module
 from lightning_robust.utils.validation import check_choice, check_positive_int
@@ -135,13 +135,18 @@ class GANEvaluation(pl.Callback):
     def _build(self, device: torch.device) -> None:
         if self.fid is not None:
             return
-        self.fid = FrechetInceptionDistance(feature=self.features, reset_real_features=False).to(device)
+        # The metrics receive features computed once per batch (FID and KID share them).
+        self.features.to(device)
+        same = PrecomputedFeatures(self.features.num_features)
+        self.fid = FrechetInceptionDistance(feature=same, reset_real_features=False).to(device)
         if self.use_kid:
-            self.kid = KernelInceptionDistance(feature=self.features, subsets=self.kid_subsets,
+            self.kid = KernelInceptionDistance(feature=same, subsets=self.kid_subsets,
                                                subset_size=self.kid_subset_size,
                                                reset_real_features=False).to(device)
         if self.logits is not None:
-            self.inception = InceptionScore(feature=self.logits, splits=self.is_splits).to(device)
+            self.logits.to(device)
+            self.inception = InceptionScore(feature=PrecomputedFeatures(self.logits.num_features),
+                                            splits=self.is_splits).to(device)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._build(pl_module.device)
@@ -157,7 +162,8 @@ class GANEvaluation(pl.Callback):
         names = self.metric_names()
         for key, value in values.items():
             if key in names:
-                pl_module.log(names[key], value, on_step=False, on_epoch=True, sync_dist=False)
+                # identical on every rank already; sync_dist only keeps Lightning from warning (mean of equals)
+                pl_module.log(names[key], value, on_step=False, on_epoch=True, sync_dist=True)
 
     # ---- the evaluation --------------------------------------------------------------------------------
     def _real_loader(self, trainer: pl.Trainer) -> Any:
@@ -180,10 +186,10 @@ class GANEvaluation(pl.Callback):
             mine = x[(pos % world == rank).nonzero().flatten()]
             seen += len(x)
             if len(mine):
-                mine = mine.to(device)
-                self.fid.update(mine, real=True)
+                feats = self.features(mine.to(device))
+                self.fid.update(feats, real=True)
                 if self.kid is not None:
-                    self.kid.update(mine, real=True)
+                    self.kid.update(feats, real=True)
             if self.max_real is not None and seen >= self.max_real:
                 break
         self._n_real = seen
@@ -203,11 +209,12 @@ class GANEvaluation(pl.Callback):
             else:
                 pl_module.eval()
                 fake = pl_module(zb)
-            self.fid.update(fake, real=False)
+            feats = self.features(fake)
+            self.fid.update(feats, real=False)
             if self.kid is not None:
-                self.kid.update(fake, real=False)
-            if self.inception is not None:
-                self.inception.update(fake)
+                self.kid.update(feats, real=False)
+            if self.inception is not None and self.logits is not None:
+                self.inception.update(self.logits(fake))
         pl_module.train(was_training)
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:

@@ -1,5 +1,5 @@
 """torchmetrics-based metrics."""
 
-from lightning_robust.metrics.image_quality import ClassifierFeatures, image_quality
+from lightning_robust.metrics.image_quality import ClassifierFeatures, PrecomputedFeatures, image_quality
 
-__all__ = ["ClassifierFeatures", "image_quality"]
+__all__ = ["ClassifierFeatures", "PrecomputedFeatures", "image_quality"]

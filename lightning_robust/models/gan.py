@@ -130,7 +130,8 @@ class GAN(pl.LightningModule):
         ema_decay: if set (e.g. 0.999), keep an exponential moving average of the generator's weights
             (``generator_ema``), used by :meth:`sample`.
         n_fixed_latents: size of the fixed latent batch (a buffer) used for sample grids.
-        seed: base seed of the per-step noise.
+        seed: base seed of the per-step noise. With a logger, Lightning merges the module's and the
+            DataModule's hparams and refuses a `seed` key with two values: give both the same seed.
 
     Raises:
         ValueError: on an unknown loss or invalid numbers.

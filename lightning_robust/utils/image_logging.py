@@ -25,17 +25,13 @@ def _to_pil(image: torch.Tensor | Image.Image) -> Image.Image:
     return Image.fromarray((t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
-def _log_dir(trainer: Any) -> str:
-    """``trainer.log_dir`` without its collective: that property broadcasts from rank 0 and so hangs when only
-    rank 0 asks (as here). The first logger's folder, else ``default_root_dir``, as Lightning resolves it."""
+def _log_dir(trainer: Any) -> str | None:
+    """``trainer.log_dir`` without its ``strategy.broadcast``: this runs on rank 0 only, and a collective
+    called by one rank deadlocks a multi-process run."""
     loggers = getattr(trainer, "loggers", None) or []
     if loggers:
-        first = loggers[0]
-        path = getattr(first, "log_dir", None) if type(first).__name__ in ("TensorBoardLogger", "CSVLogger") else None
-        path = path or getattr(first, "save_dir", None)
-        if path:
-            return str(path)
-    return str(getattr(trainer, "default_root_dir", None) or ".")
+        return getattr(loggers[0], "log_dir", None) or getattr(loggers[0], "save_dir", None)
+    return None
 
 
 def log_image(trainer: Any, tag: str, image: torch.Tensor | Image.Image, step: int | None = None) -> Path | None:
@@ -62,7 +58,7 @@ def log_image(trainer: Any, tag: str, image: torch.Tensor | Image.Image, step: i
         elif hasattr(logger, "log_image"):  # WandbLogger, NeptuneLogger, ...
             with contextlib.suppress(TypeError):  # loggers differ in signature; PNG below is kept anyway
                 logger.log_image(key=tag, images=[pil], step=step)
-    root = Path(_log_dir(trainer))
+    root = Path(_log_dir(trainer) or getattr(trainer, "default_root_dir", None) or ".")
     out = root / "images" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', tag)}_step{step:07d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     pil.save(out)

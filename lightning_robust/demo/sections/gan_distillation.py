@@ -44,35 +44,39 @@ def _feature_net(ctx: DemoContext, x: torch.Tensor, y: torch.Tensor) -> SmallCNN
 def run(ctx: DemoContext, report: Report) -> None:
     """Train a W-DCGAN teacher on 8x8 digits, distil it into three smaller generators, compare FID and size."""
     ctx.seed_everything()
-    gan_epochs, distill_epochs = (4, 2) if ctx.fast else (60, 20)
+    gan_epochs, distill_epochs = (2, 1) if ctx.fast else (100, 20)
+    fit_kw = {"limit_train_batches": 6} if ctx.fast else {}
     dm = DigitsDataModule(image_size=8, batch_size=64, val_fraction=0.0, test_fraction=0.2, seed=ctx.seed)
     dm.setup("fit")
     x_tr, y_tr = _tensors(dm.train_dataset)  # type: ignore[arg-type]
     feats_net = _feature_net(ctx, x_tr, y_tr)
     feats, logits = ClassifierFeatures(feats_net, "classifier.3"), ClassifierFeatures(feats_net, None)
-    z = torch.randn(len(x_tr), LATENT, generator=torch.Generator().manual_seed(ctx.seed + 1))
+    x_ref = x_tr[:300] if ctx.fast else x_tr
+    z = torch.randn(len(x_ref), LATENT, generator=torch.Generator().manual_seed(ctx.seed + 1))
 
     def quality(model: GAN) -> dict[str, float]:
-        return image_quality(x_tr, model.sample(z=z, use_ema=False), feats, logits, kid_subset_size=200)
+        return image_quality(x_ref, model.sample(z=z, use_ema=False), feats, logits, kid_subset_size=200)
 
     adam = functools.partial(torch.optim.Adam, lr=2e-4, betas=(0.5, 0.9))
     teacher = GAN(DCGANGenerator(8, 1, LATENT, TEACHER_D), DCGANDiscriminator(8, 1, CRITIC_D), loss="wgan-gp",
                   n_critic=5, generator_optimizer=adam, discriminator_optimizer=adam, seed=ctx.seed)
     grid_cb = SampleGrid(n=64, nrow=8, every_n_epochs=gan_epochs, tag="teacher_samples")
-    ctx.trainer("gan_teacher", max_epochs=gan_epochs, callbacks=[grid_cb]).fit(teacher, datamodule=dm)
+    ctx.trainer("gan_teacher", max_epochs=gan_epochs, callbacks=[grid_cb], **fit_kw).fit(teacher, datamodule=dm)
     n_teacher = count_parameters(teacher.generator)
     q = quality(teacher)
     rows: list[list[object]] = [[f"teacher (d={TEACHER_D})", n_teacher, "1:1", q["fid"], q["kid"], q["is"]]]
     samples = {"teacher": teacher.sample(z=z[:8], use_ema=False)}
     for d in STUDENT_DS:
-        student = DistilledGAN(teacher.generator, DCGANGenerator(8, 1, LATENT, d), mode="mse", seed=ctx.seed + d,
+        # seed: the module's noise seed; the same value as the DataModule's, since a logger merging both
+        # hparams refuses a `seed` key with two values
+        student = DistilledGAN(teacher.generator, DCGANGenerator(8, 1, LATENT, d), mode="mse", seed=ctx.seed,
                                generator_optimizer=functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9)))
-        ctx.trainer(f"gan_student_d{d}", max_epochs=distill_epochs).fit(student, datamodule=dm)
+        ctx.trainer(f"gan_student_d{d}", max_epochs=distill_epochs, **fit_kw).fit(student, datamodule=dm)
         q = quality(student)
         rows.append([f"distilled student (d={d})", student.student_params, f"{student.compression_ratio:.0f}:1",
                      q["fid"], q["kid"], q["is"]])
         samples[f"student d={d}"] = student.sample(z=z[:8], use_ema=False)
-    real = image_quality(x_tr, _tensors(dm.test_dataset)[0], feats, logits, kid_subset_size=200)  # type: ignore[arg-type]
+    real = image_quality(x_ref, _tensors(dm.test_dataset)[0], feats, logits, kid_subset_size=200)  # type: ignore[arg-type]
     rows.append(["held-out real digits", "-", "-", real["fid"], real["kid"], real["is"]])
 
     sec = report.section("GAN compression by distillation")
@@ -90,7 +94,7 @@ def run(ctx: DemoContext, report: Report) -> None:
     order = list(samples)
     captions = [name if i == 0 else "" for name in order for i in range(8)]
     report.figure(sec, "gan_distillation_samples",
-                  image_grid(torch.cat([samples[k] for k in order]), captions=captions, nrow=8, cell=48,
+                  image_grid(torch.cat([samples[k] for k in order]), captions=captions, nrow=8, cell=64,
                              title="same latents in every row"),
                   "Teacher and distilled students on the same 8 latents: each student reproduces its teacher's digit.")
     ctx.artifacts["digits_gan_teacher"] = teacher
