@@ -37,8 +37,8 @@ from lightning_robust.utils.plotting import image_grid
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gan_distillation"
 SIZE, LATENT = 8, 100
-TEACHER_D, CRITIC_D, STUDENT_DS = 128, 64, (16, 4, 2)
-FULL = dict(clf_epochs=10, gan_epochs=200, distill_epochs=50)
+TEACHER_D, CRITIC_D, STUDENT_DS = 128, 64, (16, 4, 1)
+FULL = dict(clf_epochs=10, gan_epochs=100, distill_epochs=30)
 QUICK = dict(clf_epochs=2, gan_epochs=2, distill_epochs=2)
 
 

@@ -28,13 +28,13 @@ def _common(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_paper_configs_parse_at_the_paper_ratios(name, tmp_path):
+def test_paper_configs_parse_at_the_paper_ratios(name, tmp_path):  # run=False: no subcommand
     datamodule, paper_ratio = PAPER[name]
     _skip_without(datamodule)
-    teacher = LightningRobustCLI(args=["fit", "--config", str(CONFIGS / f"gan_{name}_teacher.yaml"),
+    teacher = LightningRobustCLI(args=["--config", str(CONFIGS / f"gan_{name}_teacher.yaml"),
                                        *_common(tmp_path)], run=False)
     assert type(teacher.model).__name__ == "GAN" and type(teacher.datamodule).__name__ == datamodule
-    student = LightningRobustCLI(args=["fit", "--config", str(CONFIGS / f"distilled_gan_{name}.yaml"),
+    student = LightningRobustCLI(args=["--config", str(CONFIGS / f"distilled_gan_{name}.yaml"),
                                        "--model.init_args.teacher_checkpoint=null", *_common(tmp_path)], run=False)
     model = student.model
     # the distilled teacher is the architecture the teacher config trains
