@@ -131,8 +131,9 @@ def run(quick: bool = False) -> str:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     order = ["teacher"] + [f"{kind} d={d}" for kind in ("distilled", "scratch") for d in STUDENT_DS]
-    captions = [name if i == 0 else "" for name in order for i in range(8)]
-    image_grid(torch.cat([grids[k] for k in order]), captions=captions, nrow=8, cell=48,
+    short = {k: k.replace("distilled", "KD").replace("scratch", "GAN") for k in order}  # fits under one cell
+    captions = [short[name] if i == 0 else "" for name in order for i in range(8)]
+    image_grid(torch.cat([grids[k] for k in order]), captions=captions, nrow=8, cell=64,
                title="same latents in every row").save(RESULTS / "samples.png")
 
     wins = sum(fids["distilled", d] < fids["scratch", d] for d in STUDENT_DS)
@@ -145,7 +146,8 @@ def run(quick: bool = False) -> str:
         f"epochs. From-scratch GANs: the students' generators with the teacher's critic, recipe and budget. "
         f"Feature net: SmallCNN trained on the training digits (test accuracy {clf_acc:.3f}); FID/KID against "
         f"the {len(x_tr)} training digits with {len(x_tr)} generated images, same latents for every model "
-        f"(lower is better; IS of a 10-class net is at most 10).\n\n"
+        f"(lower is better; KID is the raw unbiased MMD^2 of these unnormalised features, not x1000, "
+        f"so its scale is its own; IS of a 10-class net is at most 10).\n\n"
         + markdown_table(headers, rows)
         + f"\n\nDistilled students beat the same-size GAN trained from scratch in {wins} of {len(STUDENT_DS)} "
         f"sizes (FID). Sample grid: `benchmarks/results/gan_distillation/samples.png`. Total "

@@ -44,7 +44,7 @@ def _feature_net(ctx: DemoContext, x: torch.Tensor, y: torch.Tensor) -> SmallCNN
 def run(ctx: DemoContext, report: Report) -> None:
     """Train a W-DCGAN teacher on 8x8 digits, distil it into three smaller generators, compare FID and size."""
     ctx.seed_everything()
-    gan_epochs, distill_epochs = (2, 1) if ctx.fast else (100, 20)
+    gan_epochs, distill_epochs = (2, 1) if ctx.fast else (50, 15)
     fit_kw = {"limit_train_batches": 6} if ctx.fast else {}
     dm = DigitsDataModule(image_size=8, batch_size=64, val_fraction=0.0, test_fraction=0.2, seed=ctx.seed)
     dm.setup("fit")
