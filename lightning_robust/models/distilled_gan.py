@@ -187,7 +187,7 @@ class DistilledGAN(GAN):
         """The frozen teacher's images for latents ``z``."""
         return self.teacher(z.to(self.device))
 
-    def generator_objective(self, z: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def generator_step_loss(self, z: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         target = self.teacher_sample(z)
         fake = self.generate(z)
         mse = distillation_loss(fake, target)

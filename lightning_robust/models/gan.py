@@ -12,7 +12,7 @@ Losses (D is the critic / discriminator, G the generator, ``r = D(x_real)``, ``f
 
 Subclasses (NW-GAN, entropic GAN, distilled GAN) override :meth:`GAN.generate`,
 :meth:`GAN.discriminator_loss`, :meth:`GAN.generator_loss` (or the whole generator step,
-:meth:`GAN.generator_objective`, which also sees the latents) and the parameter groups.
+:meth:`GAN.generator_step_loss`, which also sees the latents) and the parameter groups.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class GAN(pl.LightningModule):
     Args:
         generator: maps latents ``[B, latent_dim]`` (or the shape in ``latent_shape``) to samples.
         discriminator: maps samples to one score per sample. ``None`` is accepted only by subclasses
-            whose :meth:`generator_objective` needs no critic (e.g. MSE distillation); then every batch is
+            whose :meth:`generator_step_loss` needs no critic (e.g. MSE distillation); then every batch is
             one generator step.
         latent_dim: size of the latent vector; read from ``generator.latent_dim`` when omitted.
         latent_shape: optional extra trailing latent shape (e.g. ``(1, 1)`` for DCGAN's ``[B, nz, 1, 1]``).
@@ -165,7 +165,7 @@ class GAN(pl.LightningModule):
         if not isinstance(generator, nn.Module):
             raise TypeError(f"generator must be an nn.Module, got {type(generator).__name__}")
         if discriminator is None:
-            if type(self).generator_objective is GAN.generator_objective:
+            if type(self).generator_step_loss is GAN.generator_step_loss:
                 raise ValueError("discriminator must be an nn.Module: the adversarial generator loss needs a critic")
         elif not isinstance(discriminator, nn.Module):
             raise TypeError(f"discriminator must be an nn.Module or None, got {type(discriminator).__name__}")
@@ -282,7 +282,7 @@ class GAN(pl.LightningModule):
         """Return ``(loss, logs)`` of one generator step (``fake`` carries the graph to the generator)."""
         return generator_loss(self.loss_name, self._critic()(fake)), {}
 
-    def generator_objective(self, z: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def generator_step_loss(self, z: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """The loss of one generator step from its latents ``z``: ``generator_loss(generate(z), real)``.
 
         Override this instead of :meth:`generator_loss` when the loss needs the latents themselves (a
@@ -297,6 +297,11 @@ class GAN(pl.LightningModule):
         return [] if self.discriminator is None else list(self.discriminator.parameters())
 
     # ---- training -------------------------------------------------------------------------------------
+    def generator_step_due(self) -> bool:
+        """Whether this batch also updates the generator (every ``n_critic``-th batch; subclasses may veto,
+        e.g. while the critic is not yet fit). Must return the same on every DDP rank."""
+        return int(self.gan_step) % self.n_critic == 0
+
     @staticmethod
     def real_from_batch(batch: Any) -> torch.Tensor:
         """The real samples of a batch: a tensor, or the ``x`` of ``(x, y[, index])`` / dict batches."""
@@ -328,7 +333,7 @@ class GAN(pl.LightningModule):
         for k, v in d_logs.items():
             self.log(f"train/{k}", v, on_step=False, on_epoch=True, sync_dist=True)
 
-        if int(self.gan_step) % self.n_critic == 0:
+        if self.generator_step_due():
             self._generator_step(opt_g, n, real)
         self.gan_step += 1
         self._broadcast_buffers()
@@ -359,7 +364,7 @@ class GAN(pl.LightningModule):
 
     def _generator_step(self, opt_g: Any, n: int, real: torch.Tensor) -> None:
         z = self.sample_latents(n, self.step_generator("g"))
-        g_loss, g_logs = self.generator_objective(z, real)
+        g_loss, g_logs = self.generator_step_loss(z, real)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
         opt_g.step()

@@ -76,7 +76,7 @@ def test_mse_and_joint_objectives_match_formulas():
         model.train()
         s, t = model.generator(z), model.teacher(z)
         mse = ((s - t) ** 2).mean()
-        loss, logs = model.generator_objective(z, real)
+        loss, logs = model.generator_step_loss(z, real)
         if model is mse_model:
             assert torch.allclose(loss, mse, atol=1e-7)
         else:  # α·MSE + (1 - α)·(-E[D(S(z))]) for the Wasserstein generator loss
@@ -85,7 +85,7 @@ def test_mse_and_joint_objectives_match_formulas():
         assert torch.allclose(logs["distill_mse"], mse.detach(), atol=1e-7)
     assert torch.allclose(distillation_loss(torch.ones(2, 3), torch.zeros(2, 3)), torch.tensor(1.0))
     # the teacher is always in eval mode and gets no gradient
-    loss, _ = joint.generator_objective(z, real)
+    loss, _ = joint.generator_step_loss(z, real)
     loss.backward()
     assert not joint.teacher.training and all(p.grad is None for p in joint.teacher.parameters())
     assert all(not p.requires_grad for p in joint.teacher.parameters())
