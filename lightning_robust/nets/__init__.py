@@ -1,5 +1,6 @@
 """Plain ``nn.Module`` networks (no Lightning imports): images in [0, 1], optional normalization layer."""
 
+from lightning_robust.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from lightning_robust.nets.dual_critic import DualCritic
 from lightning_robust.nets.linear_probe import LinearProbe
 from lightning_robust.nets.mlp import MLP
@@ -38,7 +39,21 @@ for _name, _factory in {
 }.items():
     register_net(_name, _factory)
 
+for _name, _factory in {
+    "dcgan_discriminator": DCGANDiscriminator,
+    "dcgan_generator": DCGANGenerator,
+    "mlp": MLP,
+    "mobilenet_v2": MobileNetV2,
+    "resnet18": ResNet18,
+    "resnet32": ResNet32,
+    "small_cnn": SmallCNN,
+    "wide_resnet": WideResNet,
+}.items():
+    register_net(_name, _factory)
+
 __all__ = [
+    "DCGANDiscriminator",
+    "DCGANGenerator",
     "DualCritic",
     "LinearProbe",
     "MLP",

@@ -13,6 +13,7 @@ from lightning_robust.demo.sections import (
     certification,
     classifier,
     entropic_gan,
+    gan_distillation,
     interpretation,
     poison_filter,
     text_spgd,
@@ -28,6 +29,7 @@ SECTIONS: list[tuple[str, str, SectionFn]] = [
     ("interpretation", "Interpretation: certified SmoothGrad and second-order explanations", interpretation.run),
     ("poison_filter", "Deep k-NN poison filter", poison_filter.run),
     ("attacks", "Adversarial attacks and adversarial training", attacks.run),
+    ("gan_distillation", "GAN compression by distillation", gan_distillation.run),
 ]
 
 __all__ = ["SECTIONS", "SectionFn"]
