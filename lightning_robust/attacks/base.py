@@ -8,7 +8,11 @@ An :class:`Attack` holds hyper-parameters only (never a model or a device); ``at
 * computes input gradients with ``torch.autograd.grad`` only, so parameters' ``.grad`` are never touched;
 * works inside ``torch.no_grad()`` and ``torch.inference_mode()`` (validation loops);
 * draws randomness from an optional ``torch.Generator`` (``generator=`` keyword of the call);
-* returns a detached tensor of the input's shape, inside the threat model and the value bounds.
+* returns a detached tensor of the input's shape, inside the threat model and the value bounds;
+* returns the input itself when the budget is zero (:meth:`Attack.is_null`).
+
+Targeted attacks read ``y`` as target labels. The objective is cross-entropy or the Carlini-Wagner
+margin (:func:`attack_loss`), optionally capped at a confidence ``kappa``.
 """
 
 from __future__ import annotations
@@ -72,19 +76,23 @@ class Attack(ABC):
         targeted: when True, ``y`` holds target labels and the attack pushes predictions toward them.
         model_mode: ``"eval"`` (default), ``"train"`` or ``"keep"``: the mode the model runs in during
             the attack; the original per-module flags are restored afterwards either way.
+        kappa: confidence cap of the ``"cw"`` margin (``inf``: uncapped, the ReColorAdv setting).
 
     Subclasses implement ``perturb(model, x, y, generator)``: ``x`` is a detached copy of the input,
     gradients are enabled, the model is in the requested mode.
     """
 
     def __init__(self, threat: ThreatModel, loss: str = "ce", targeted: bool = False,
-                 model_mode: str = "eval") -> None:
+                 model_mode: str = "eval", kappa: float = float("inf")) -> None:
         if not isinstance(threat, ThreatModel):
             raise TypeError(f"threat must be a ThreatModel, got {type(threat).__name__}")
         self.threat = threat
         self.loss = check_choice("loss", loss, LOSSES)
         self.targeted = bool(targeted)
         self.model_mode = check_choice("model_mode", model_mode, MODEL_MODES)
+        if not isinstance(kappa, (int, float)) or isinstance(kappa, bool) or kappa <= 0:
+            raise ValueError(f"kappa must be a positive number or inf, got {kappa!r}")
+        self.kappa = float(kappa)
 
     # Public hyper-parameters of the threat model, for logging and configs.
     @property
@@ -102,12 +110,24 @@ class Attack(ABC):
 
     def loss_per_sample(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The per-sample objective the attack maximizes (sign already set for targeted attacks)."""
-        return attack_loss(logits, y, self.loss, self.targeted)
+        return attack_loss(logits, y, self.loss, self.targeted, self.kappa)
 
     def is_successful(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample success: misclassified (untargeted) or classified as the target (targeted)."""
         pred = logits.argmax(1)
         return pred == y if self.targeted else pred != y
+
+    def is_null(self) -> bool:
+        """True when the budget is zero, so that the only allowed input is ``x`` itself."""
+        return self.threat.eps == 0 and self.threat.norm != "none"
+
+    def within_budget(self, x_adv: torch.Tensor, x: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+        """Per-sample check that ``x_adv`` is an allowed output for ``x`` (used by honest-evaluation checks).
+
+        L-p attacks check the ball and the box; functional attacks (whose budget lives on their own
+        parameters) can only be checked against the box here.
+        """
+        return self.threat.contains(x_adv, x, tol=tol)
 
     def validate(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Raise a clear error for inputs outside the bounds or labels of the wrong shape."""
@@ -126,7 +146,7 @@ class Attack(ABC):
         with torch.inference_mode(False), torch.enable_grad(), model_mode(model, self.model_mode):
             x0 = x.detach().clone()
             y0 = y.detach().clone().long()
-            if self.threat.eps == 0 and self.threat.norm != "none":
+            if self.is_null():
                 return x0
             x_adv = self.perturb(model, x0, y0, generator)
         return x_adv.detach()

@@ -5,6 +5,9 @@ PGD maximizes the loss over the threat model by steepest ascent steps followed b
 ``s = g / ||g||_2`` for L2, from a random start in the ball, keeping per sample the strongest of
 ``restarts`` runs. FGSM is the single-step case; with a random start and ``alpha = 1.25 eps`` it is the
 "fast adversarial training" attack of Wong, Rice & Kolter (2020, arXiv 2001.03994).
+
+Both are also the additive "delta" component of :class:`~lightning_robust.attacks.Compose`
+(``θ = δ``, ``x' = clip(x + δ)``, ``δ`` projected onto the ball).
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ import torch
 from torch import nn
 
 from lightning_robust.attacks.base import Attack
+from lightning_robust.attacks.color_spaces import clip
+from lightning_robust.attacks.functional import Perturbation
 from lightning_robust.attacks.threat import ThreatModel
 from lightning_robust.utils.validation import check_non_negative, check_positive, check_positive_int
 
 __all__ = ["FGSM", "PGD"]
 
 
-class PGD(Attack):
+class PGD(Attack, Perturbation):
     """Projected gradient descent under an L-inf or L2 budget.
 
     Args:
@@ -32,6 +37,7 @@ class PGD(Attack):
         loss: ``"ce"`` or ``"cw"`` (margin loss).
         targeted: ``y`` holds target labels.
         model_mode: ``"eval"``, ``"train"`` or ``"keep"``.
+        kappa: confidence cap of the ``"cw"`` margin.
         low, high: input value bounds.
 
     Raises:
@@ -53,6 +59,7 @@ class PGD(Attack):
         loss: str = "ce",
         targeted: bool = False,
         model_mode: str = "eval",
+        kappa: float = float("inf"),
         low: float = 0.0,
         high: float = 1.0,
     ) -> None:
@@ -61,7 +68,8 @@ class PGD(Attack):
         check_positive_int("restarts", restarts)
         if norm not in ("linf", "l2"):
             raise ValueError(f"norm must be one of ['linf', 'l2'] for PGD, got {norm!r}")
-        super().__init__(ThreatModel(norm, eps, low, high), loss=loss, targeted=targeted, model_mode=model_mode)
+        super().__init__(ThreatModel(norm, eps, low, high), loss=loss, targeted=targeted, model_mode=model_mode,
+                         kappa=kappa)
         self.alpha = float(check_positive("alpha", alpha)) if alpha is not None else 2.5 * eps / steps
         self.steps = steps
         self.random_start = bool(random_start)
@@ -76,11 +84,19 @@ class PGD(Attack):
     def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              generator: torch.Generator | None) -> torch.Tensor:
         x_adv = self.threat.random_start(x, generator) if self.random_start else x.clone()
+        if self.threat.norm == "linf":
+            # Ball ∩ box is a box: project with one max and one min against precomputed corners.
+            lo = (x - self.threat.eps).clamp_(self.threat.low, self.threat.high)
+            hi = (x + self.threat.eps).clamp_(self.threat.low, self.threat.high)
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
             loss = self.loss_per_sample(model(x_adv), y).sum()
             (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = self.threat.project(x_adv.detach() + self.alpha * self._step_direction(grad), x)
+            with torch.no_grad():
+                if self.threat.norm == "linf":
+                    x_adv = torch.minimum(torch.maximum(x_adv.add_(grad.sign_(), alpha=self.alpha), lo), hi)
+                else:
+                    x_adv = self.threat.project(x_adv + self.alpha * self._step_direction(grad), x)
         return x_adv
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -102,6 +118,21 @@ class PGD(Attack):
             best_loss = torch.where(better, loss, best_loss)
             best_success = best_success | success
         return best
+
+    # ---- Perturbation interface (the additive "delta" of Compose) -------------------------------------
+    def params_are_null(self) -> bool:
+        return self.threat.eps == 0
+
+    def init_params(self, x: torch.Tensor, random: bool, generator: torch.Generator | None) -> torch.Tensor:
+        if not random:
+            return torch.zeros_like(x)
+        return self.threat.random_start(x, generator) - x
+
+    def project_params(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.threat.project(x + params, x) - x
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        return clip(x + params, self.threat.low, self.threat.high)
 
 
 class FGSM(PGD):
@@ -127,10 +158,11 @@ class FGSM(PGD):
         loss: str = "ce",
         targeted: bool = False,
         model_mode: str = "eval",
+        kappa: float = float("inf"),
         low: float = 0.0,
         high: float = 1.0,
     ) -> None:
         if alpha is None:
             alpha = (1.25 * eps if random_start else eps) or None
         super().__init__(eps=eps, alpha=alpha, steps=1, norm=norm, random_start=random_start, restarts=1,
-                         loss=loss, targeted=targeted, model_mode=model_mode, low=low, high=high)
+                         loss=loss, targeted=targeted, model_mode=model_mode, kappa=kappa, low=low, high=high)

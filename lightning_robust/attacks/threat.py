@@ -68,14 +68,17 @@ class ThreatModel:
         ``l2`` it is the usual PGD projection (radial shrink, then clip); clipping never increases the
         distance to ``x`` (``x`` is inside the box), so the result stays in the ball.
         """
-        delta = x_adv - x
+        return (x + self.project_delta(x_adv - x)).clamp(self.low, self.high)
+
+    def project_delta(self, delta: torch.Tensor) -> torch.Tensor:
+        """The ball part of :meth:`project` alone: clip (linf) or shrink radially (l2, l1) ``delta``."""
         if self.norm == "linf":
-            delta = delta.clamp(-self.eps, self.eps)
-        elif self.norm in ("l2", "l1"):
+            return delta.clamp(-self.eps, self.eps)
+        if self.norm in ("l2", "l1"):
             n = _batch_norm(delta, self.norm)
             factor = torch.where(n > self.eps, self.eps / n.clamp_min(1e-12), torch.ones_like(n))
-            delta = delta * _view(factor, delta)
-        return (x + delta).clamp(self.low, self.high)
+            return delta * _view(factor, delta)
+        return delta
 
     def contains(self, x_adv: torch.Tensor, x: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
         """Per-sample boolean: ``x_adv`` within the box and within ``eps`` (+ ``tol``) of ``x``."""

@@ -6,16 +6,25 @@ extension points."""
 from lightning_robust.callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_robust.callbacks.certification import CertificationCallback
 from lightning_robust.callbacks.finite_loss_guard import FiniteLossGuard, NonFiniteLossError
+from lightning_robust.callbacks.gan_evaluation import GANEvaluation
 from lightning_robust.callbacks.likelihood_histogram import LikelihoodHistogram
+from lightning_robust.callbacks.poison_filter import FILTER_METHODS, DeepKNNPoisonFilter
 from lightning_robust.callbacks.rng_state import RNGStateCheckpoint
+from lightning_robust.callbacks.robustness_evaluation import RobustnessEvaluation
 from lightning_robust.callbacks.saliency_certification import SaliencyCertification
+from lightning_robust.callbacks.sample_grid import SampleGrid
 
 __all__ = [
     "AtomicCheckpointIO",
     "CertificationCallback",
+    "DeepKNNPoisonFilter",
+    "FILTER_METHODS",
     "FiniteLossGuard",
+    "GANEvaluation",
     "LikelihoodHistogram",
     "NonFiniteLossError",
     "RNGStateCheckpoint",
+    "RobustnessEvaluation",
     "SaliencyCertification",
+    "SampleGrid",
 ]

@@ -4,6 +4,7 @@ from lightning_robust.datamodules.base import IndexedDataset, RobustDataModule
 from lightning_robust.datamodules.celeba import CelebADataModule
 from lightning_robust.datamodules.cifar10 import CIFAR10DataModule
 from lightning_robust.datamodules.digits import DigitsDataModule, load_digits_tensors
+from lightning_robust.datamodules.filtered import FilteredDataset
 from lightning_robust.datamodules.gaussian_mixture import GaussianMixtureDataModule, grid_mixture
 from lightning_robust.datamodules.image_datasets import (
     ImageFileDataset,
@@ -20,6 +21,7 @@ from lightning_robust.datamodules.integrity import (
 )
 from lightning_robust.datamodules.mnist import MNISTDataModule, read_mnist
 from lightning_robust.datamodules.mnist_m import MNISTMDataModule, blend_mnist_m, build_mnist_m
+from lightning_robust.datamodules.poisoned import PoisonedDataModule, PoisonSwapDataset, dataset_labels
 from lightning_robust.datamodules.visda import VisDADataModule
 from lightning_robust.datamodules.vision import VisionDataModule
 
@@ -29,6 +31,7 @@ __all__ = [
     "DataIntegrityError",
     "DatasetNotFoundError",
     "DigitsDataModule",
+    "FilteredDataset",
     "GaussianMixtureDataModule",
     "IMDBDataModule",
     "ImageFileDataset",
@@ -36,6 +39,8 @@ __all__ = [
     "MNISTDataModule",
     "MNISTMDataModule",
     "PadCollate",
+    "PoisonSwapDataset",
+    "PoisonedDataModule",
     "RobustDataModule",
     "TensorImageDataset",
     "TokenizedTextDataset",
@@ -43,6 +48,7 @@ __all__ = [
     "VisionDataModule",
     "blend_mnist_m",
     "build_mnist_m",
+    "dataset_labels",
     "grid_mixture",
     "load_digits_tensors",
     "proportional_subsample",

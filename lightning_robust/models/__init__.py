@@ -1,6 +1,7 @@
 """LightningModules."""
 
 from lightning_robust.models.classifier import Classifier
+from lightning_robust.models.distilled_gan import DistilledGAN
 from lightning_robust.models.entropic_gan import EntropicGAN
 from lightning_robust.models.gan import GAN
 from lightning_robust.models.interpretation import InterpretationRegularizedClassifier
@@ -8,6 +9,7 @@ from lightning_robust.models.text_classifier import TextClassifier
 
 __all__ = [
     "Classifier",
+    "DistilledGAN",
     "EntropicGAN",
     "GAN",
     "InterpretationRegularizedClassifier",

@@ -11,19 +11,23 @@ Losses (D is the critic / discriminator, G the generator, ``r = D(x_real)``, ``f
 * ``"hinge"`` (Miyato et al. 2018): ``L_D = E[relu(1 - r)] + E[relu(1 + f)]``, ``L_G = -E[f]``.
 
 Subclasses (NW-GAN, entropic GAN, distilled GAN) override :meth:`GAN.generate`,
-:meth:`GAN.discriminator_loss`, :meth:`GAN.generator_loss` and the parameter groups.
+:meth:`GAN.discriminator_loss`, :meth:`GAN.generator_loss` (or the whole generator step,
+:meth:`GAN.generator_step_loss`, which also sees the latents) and the parameter groups.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
+import types
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import OptimizerCallable
+from pytorch_lightning.utilities.parsing import collect_init_args
 from torch import nn
 
 from lightning_robust.utils.batch import split_batch
@@ -81,6 +85,17 @@ def generator_loss(loss: str, d_fake: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"loss must be one of {list(GAN_LOSSES)}, got {loss!r}")
 
 
+def _is_primitive(value: Any) -> bool:
+    """True for values that belong in ``hparams``: numbers, strings, None and containers of those."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_primitive(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_primitive(v) for k, v in value.items())
+    return False
+
+
 class GAN(pl.LightningModule):
     """Generator + discriminator trained by alternating updates (manual optimization).
 
@@ -93,12 +108,18 @@ class GAN(pl.LightningModule):
     Logs ``train/d_loss``, ``train/g_loss`` (and ``train/gp`` for WGAN-GP). Note that Lightning's
     ``global_step`` counts optimizer steps of both optimizers in manual optimization.
 
+    Sample quality (FID / KID / IS) is measured by the
+    :class:`~lightning_robust.callbacks.GANEvaluation` callback, sample grids logged by
+    :class:`~lightning_robust.callbacks.SampleGrid`; neither needs a ``validation_step``.
+
     Under DDP the discriminator step's backward leaves the generator's parameters without gradients,
     so use ``strategy="ddp_find_unused_parameters_true"`` (or ``DDPStrategy(find_unused_parameters=True)``).
 
     Args:
         generator: maps latents ``[B, latent_dim]`` (or the shape in ``latent_shape``) to samples.
-        discriminator: maps samples to one score per sample.
+        discriminator: maps samples to one score per sample. ``None`` is accepted only by subclasses
+            whose :meth:`generator_step_loss` needs no critic (e.g. MSE distillation); then every batch is
+            one generator step.
         latent_dim: size of the latent vector; read from ``generator.latent_dim`` when omitted.
         latent_shape: optional extra trailing latent shape (e.g. ``(1, 1)`` for DCGAN's ``[B, nz, 1, 1]``).
         loss: one of ``"wgan-gp"``, ``"wgan-clip"``, ``"ns"``, ``"hinge"``.
@@ -109,7 +130,8 @@ class GAN(pl.LightningModule):
         ema_decay: if set (e.g. 0.999), keep an exponential moving average of the generator's weights
             (``generator_ema``), used by :meth:`sample`.
         n_fixed_latents: size of the fixed latent batch (a buffer) used for sample grids.
-        seed: base seed of the per-step noise.
+        seed: base seed of the per-step noise. With a logger, Lightning merges the module's and the
+            DataModule's hparams and refuses a `seed` key with two values: give both the same seed.
 
     Raises:
         ValueError: on an unknown loss or invalid numbers.
@@ -126,7 +148,7 @@ class GAN(pl.LightningModule):
     def __init__(
         self,
         generator: nn.Module,
-        discriminator: nn.Module,
+        discriminator: nn.Module | None,
         latent_dim: int | None = None,
         latent_shape: tuple[int, ...] = (),
         loss: str = "wgan-gp",
@@ -140,9 +162,13 @@ class GAN(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, mod in (("generator", generator), ("discriminator", discriminator)):
-            if not isinstance(mod, nn.Module):
-                raise TypeError(f"{name} must be an nn.Module, got {type(mod).__name__}")
+        if not isinstance(generator, nn.Module):
+            raise TypeError(f"generator must be an nn.Module, got {type(generator).__name__}")
+        if discriminator is None:
+            if type(self).generator_step_loss is GAN.generator_step_loss:
+                raise ValueError("discriminator must be an nn.Module: the adversarial generator loss needs a critic")
+        elif not isinstance(discriminator, nn.Module):
+            raise TypeError(f"discriminator must be an nn.Module or None, got {type(discriminator).__name__}")
         if latent_dim is None:
             latent_dim = getattr(generator, "latent_dim", None)
             if not isinstance(latent_dim, int):
@@ -159,11 +185,10 @@ class GAN(pl.LightningModule):
         check_positive_int("n_fixed_latents", n_fixed_latents)
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.save_hyperparameters(ignore=["generator", "discriminator", "generator_optimizer",
-                                          "discriminator_optimizer"])
+        self._save_primitive_hyperparameters(inspect.currentframe())
         self.automatic_optimization = False
         self.generator = generator
-        self.discriminator = discriminator
+        self.discriminator: nn.Module | None = discriminator
         self.latent_dim = latent_dim
         self.latent_shape = tuple(latent_shape)
         self.loss_name = loss
@@ -182,6 +207,23 @@ class GAN(pl.LightningModule):
                                                           generator=g))
         # Counts training batches; part of the checkpoint, it keys the per-step noise.
         self.register_buffer("gan_step", torch.zeros((), dtype=torch.long))
+
+    def _save_primitive_hyperparameters(self, frame: types.FrameType | None) -> None:
+        """``save_hyperparameters`` over the constructor chain, skipping modules, tensors and callables.
+
+        Subclasses add their own module arguments (teachers, mixtures of generators, ...); keeping only
+        primitives in ``hparams`` keeps checkpoints loadable with ``weights_only=True`` and avoids deep
+        copies of large nets, without each subclass having to list its module arguments.
+        """
+        if frame is None:  # no frame support in this interpreter: fall back to the base's own arguments
+            self.save_hyperparameters(ignore=["generator", "discriminator", "generator_optimizer",
+                                              "discriminator_optimizer"])
+            return
+        init_args: dict[str, Any] = {}
+        for level in collect_init_args(frame, [], classes=(GAN,)):
+            init_args.update(level)
+        ignore = sorted(k for k, v in init_args.items() if not _is_primitive(v))
+        self.save_hyperparameters(ignore=ignore, frame=frame)
 
     # ---- noise ----------------------------------------------------------------------------------------
     def step_generator(self, stream: str = "latent") -> torch.Generator:
@@ -219,25 +261,40 @@ class GAN(pl.LightningModule):
         finally:
             net.train(was_training)
 
+    def _critic(self) -> nn.Module:
+        """The discriminator, or a clear error when this GAN was built without one."""
+        if self.discriminator is None:
+            raise RuntimeError(f"{type(self).__name__} was built without a discriminator")
+        return self.discriminator
+
     def discriminator_loss(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Return ``(loss, logs)`` of one discriminator step; ``fake`` is detached."""
-        loss = discriminator_loss(self.loss_name, self.discriminator(real), self.discriminator(fake))
+        critic = self._critic()
+        loss = discriminator_loss(self.loss_name, critic(real), critic(fake))
         logs: dict[str, Any] = {}
         if self.loss_name == "wgan-gp" and self.gp_weight > 0:
-            gp = gradient_penalty(self.discriminator, real, fake, self.step_generator("gp"))
+            gp = gradient_penalty(critic, real, fake, self.step_generator("gp"))
             logs["gp"] = gp.detach()
             loss = loss + self.gp_weight * gp
         return loss, logs
 
     def generator_loss(self, fake: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Return ``(loss, logs)`` of one generator step (``fake`` carries the graph to the generator)."""
-        return generator_loss(self.loss_name, self.discriminator(fake)), {}
+        return generator_loss(self.loss_name, self._critic()(fake)), {}
+
+    def generator_step_loss(self, z: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of one generator step from its latents ``z``: ``generator_loss(generate(z), real)``.
+
+        Override this instead of :meth:`generator_loss` when the loss needs the latents themselves (a
+        distilled student compares ``S(z)`` with its teacher's ``T(z)``).
+        """
+        return self.generator_loss(self.generate(z), real)
 
     def generator_parameters(self) -> list[nn.Parameter]:
         return list(self.generator.parameters())
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
-        return list(self.discriminator.parameters())
+        return [] if self.discriminator is None else list(self.discriminator.parameters())
 
     # ---- training -------------------------------------------------------------------------------------
     def generator_step_due(self) -> bool:
@@ -251,9 +308,15 @@ class GAN(pl.LightningModule):
         return batch if torch.is_tensor(batch) else split_batch(batch).x
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        opt_g, opt_d = self.optimizers()  # type: ignore[misc, attr-defined]
+        opts = self.optimizers()
         real = self.real_from_batch(batch)
         n = real.shape[0]
+        if self.discriminator is None:  # generator-only objective: every batch is a generator step
+            self._generator_step(opts, n, real)  # type: ignore[arg-type]
+            self.gan_step += 1
+            self._broadcast_buffers()
+            return
+        opt_g, opt_d = opts  # type: ignore[misc, attr-defined]
 
         z = self.sample_latents(n, self.step_generator("d"))
         with torch.no_grad():
@@ -271,16 +334,44 @@ class GAN(pl.LightningModule):
             self.log(f"train/{k}", v, on_step=False, on_epoch=True, sync_dist=True)
 
         if self.generator_step_due():
-            z = self.sample_latents(n, self.step_generator("g"))
-            g_loss, g_logs = self.generator_loss(self.generate(z), real)
-            opt_g.zero_grad(set_to_none=True)
-            self.manual_backward(g_loss)
-            opt_g.step()
-            self.update_ema()
-            self.log("train/g_loss", g_loss.detach(), prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
-            for k, v in g_logs.items():
-                self.log(f"train/{k}", v, on_step=False, on_epoch=True, sync_dist=True)
+            self._generator_step(opt_g, n, real)
         self.gan_step += 1
+        self._broadcast_buffers()
+
+    def _broadcast_buffers(self) -> None:
+        """Under DDP, copy rank 0's buffers (BatchNorm statistics, EMA copies) to every rank.
+
+        Each rank updates its BatchNorm running statistics on its own batch; DDP re-broadcasts rank 0's
+        buffers only at the start of the next forward, so after the last step of an epoch the ranks would
+        disagree (and so would their samples, e.g. the shards of an FID evaluation). Broadcasting at the
+        end of every step makes the ranks identical whenever a callback looks.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if torch.distributed.get_world_size() < 2:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buf in self.buffers():
+            by_dtype.setdefault(buf.dtype, []).append(buf)
+        for bufs in by_dtype.values():  # one collective per dtype, not one per tensor
+            flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+            torch.distributed.broadcast(flat, src=0)
+            offset = 0
+            with torch.no_grad():
+                for b in bufs:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+
+    def _generator_step(self, opt_g: Any, n: int, real: torch.Tensor) -> None:
+        z = self.sample_latents(n, self.step_generator("g"))
+        g_loss, g_logs = self.generator_step_loss(z, real)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        opt_g.step()
+        self.update_ema()
+        self.log("train/g_loss", g_loss.detach(), prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        for k, v in g_logs.items():
+            self.log(f"train/{k}", v, on_step=False, on_epoch=True, sync_dist=True)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -294,5 +385,7 @@ class GAN(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt_g = self.generator_optimizer_factory(self.generator_parameters())
+        if self.discriminator is None:
+            return opt_g
         opt_d = self.discriminator_optimizer_factory(self.discriminator_parameters())
         return [opt_g, opt_d]

@@ -9,7 +9,7 @@ few words are perturbed. ``adversarial_mode="tokens"`` instead trains on the rou
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +100,8 @@ class TextClassifier(Classifier):
         # Only primitives in hparams (checkpoints load with weights_only=True).
         self.save_hyperparameters(ignore=["net", "attack", "eval_attack", "optimizer", "scheduler"])
         self.hparams["num_classes"] = self.num_classes
-        self.attack = attack
+        # Classifier's image-attack slot is reused for the text attack (typed TextAttack here).
+        self.attack = attack  # type: ignore[assignment]
         self.eval_attack = eval_attack if eval_attack is not None else attack
         self.adversarial_weight = adversarial_weight
         self.adversarial_mode = adversarial_mode
@@ -132,14 +133,15 @@ class TextClassifier(Classifier):
         clean = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         loss = clean
         self.train_acc(logits.detach(), y)
-        if self.attack is not None and self.adversarial_weight > 0:
+        text_attack = cast("TextAttack | None", self.attack)
+        if text_attack is not None and self.adversarial_weight > 0:
             if self.adversarial_mode == "embedding":
-                r = self.attack.embedding_perturbation(self, ids, y, mask)
+                r = text_attack.embedding_perturbation(self, ids, y, mask)
                 embeds = self.get_input_embeddings()(ids) + r
                 adv_logits = self(inputs_embeds=embeds, attention_mask=mask)
                 words = (r.norm(dim=-1) > 0).sum(1).float().mean()
             else:
-                res = self.attack(self, ids, y, mask)
+                res = text_attack(self, ids, y, mask)
                 adv_logits = self(res.input_ids, mask)
                 words = res.num_changed.float().mean()
             adv = F.cross_entropy(adv_logits, y, label_smoothing=self.label_smoothing)

@@ -1,6 +1,8 @@
 """Plain ``nn.Module`` networks (no Lightning imports): images in [0, 1], optional normalization layer."""
 
+from lightning_robust.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from lightning_robust.nets.dual_critic import DualCritic
+from lightning_robust.nets.linear_probe import LinearProbe
 from lightning_robust.nets.mlp import MLP
 from lightning_robust.nets.mlp_generator import MLPGenerator
 from lightning_robust.nets.mnist_gan import MNISTCriticTrunk, MNISTGenerator
@@ -27,8 +29,33 @@ for _name, _factory in {
 }.items():
     register_net(_name, _factory)
 
+for _name, _factory in {
+    "mlp": MLP,
+    "mobilenet_v2": MobileNetV2,
+    "resnet18": ResNet18,
+    "resnet32": ResNet32,
+    "small_cnn": SmallCNN,
+    "wide_resnet": WideResNet,
+}.items():
+    register_net(_name, _factory)
+
+for _name, _factory in {
+    "dcgan_discriminator": DCGANDiscriminator,
+    "dcgan_generator": DCGANGenerator,
+    "mlp": MLP,
+    "mobilenet_v2": MobileNetV2,
+    "resnet18": ResNet18,
+    "resnet32": ResNet32,
+    "small_cnn": SmallCNN,
+    "wide_resnet": WideResNet,
+}.items():
+    register_net(_name, _factory)
+
 __all__ = [
+    "DCGANDiscriminator",
+    "DCGANGenerator",
     "DualCritic",
+    "LinearProbe",
     "MLP",
     "MLPGenerator",
     "MNISTCriticTrunk",

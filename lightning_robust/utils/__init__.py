@@ -4,6 +4,7 @@ from lightning_robust.utils.batch import Batch, split_batch
 from lightning_robust.utils.checkpoint import CheckpointError, extract_state_dict, load_module, safe_load
 from lightning_robust.utils.feature_extractor import FeatureExtractor, resolve_layer
 from lightning_robust.utils.image_logging import log_image
+from lightning_robust.utils.params import count_parameters
 from lightning_robust.utils.text import HFTokenizer, WordVocabulary, basic_tokenize, highlight_changes, load_glove
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "HFTokenizer",
     "WordVocabulary",
     "basic_tokenize",
+    "count_parameters",
     "extract_state_dict",
     "highlight_changes",
     "load_glove",

@@ -8,7 +8,16 @@ from collections.abc import Callable
 
 from lightning_robust.demo.context import DemoContext
 from lightning_robust.demo.report import Report
-from lightning_robust.demo.sections import certification, classifier, entropic_gan, interpretation, text_spgd
+from lightning_robust.demo.sections import (
+    attacks,
+    certification,
+    classifier,
+    entropic_gan,
+    gan_distillation,
+    interpretation,
+    poison_filter,
+    text_spgd,
+)
 
 SectionFn = Callable[[DemoContext, Report], None]
 
@@ -18,6 +27,9 @@ SECTIONS: list[tuple[str, str, SectionFn]] = [
     ("text_spgd", text_spgd.TITLE, text_spgd.run),
     ("entropic_gan", "Entropic GAN and per-sample likelihoods", entropic_gan.run),
     ("interpretation", "Interpretation: certified SmoothGrad and second-order explanations", interpretation.run),
+    ("poison_filter", "Deep k-NN poison filter", poison_filter.run),
+    ("attacks", "Adversarial attacks and adversarial training", attacks.run),
+    ("gan_distillation", "GAN compression by distillation", gan_distillation.run),
 ]
 
 __all__ = ["SECTIONS", "SectionFn"]

@@ -1,0 +1,360 @@
+"""Remove suspected poisons from the training set during ``Trainer.fit`` (Deep k-NN defence, arXiv 1909.13374)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.model_helpers import is_overridden
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_robust.attacks.base import model_mode
+from lightning_robust.datamodules.filtered import FilteredDataset
+from lightning_robust.defenses import (
+    CLASS_BALANCES,
+    TIE_BREAKS,
+    deep_knn_filter,
+    default_k,
+    l2_outlier_filter,
+    one_class_svm_filter,
+    random_eviction,
+)
+from lightning_robust.metrics.poison_detection import poison_detection_scores
+from lightning_robust.utils.batch import split_batch
+from lightning_robust.utils.feature_extractor import FeatureExtractor, resolve_layer
+from lightning_robust.utils.validation import (
+    check_choice,
+    check_fraction,
+    check_positive,
+    check_positive_int,
+)
+
+__all__ = ["FILTER_METHODS", "DeepKNNPoisonFilter"]
+
+FILTER_METHODS = ("deep_knn", "l2_outlier", "one_class_svm", "random")
+
+
+class _Target:
+    """Where the training samples live and how to drop some: a RobustDataModule or a FilteredDataset."""
+
+    def __init__(self, dataset: Dataset, positions: list[int], exclude: Any, source: str) -> None:
+        self.dataset, self.positions, self.exclude, self.source = dataset, positions, exclude, source
+
+
+class DeepKNNPoisonFilter(pl.Callback):
+    """Filter the training set of any LightningModule with the Deep k-NN defence (Peri et al.,
+    arXiv 1909.13374) or one of its baselines, then train on the kept samples only.
+
+    At the start of epoch ``filter_epoch`` (``0``: before any training, e.g. with a pretrained feature
+    extractor as in the paper's transfer-learning setting) the callback
+
+    1. extracts features of the whole training set: the output of layer ``layer`` of the LightningModule
+       (a dotted name such as ``"net.classifier.3"``), or of ``feature_extractor`` when given (optionally
+       at its own ``layer``); in eval mode, without gradients, each process a contiguous share;
+    2. gathers all features on every process and takes one decision: Deep k-NN removes a sample whose
+       label is not the plurality label of its ``k`` nearest neighbours (each process votes for a block of
+       samples and the blocks are gathered), the baselines are computed on rank 0 and broadcast;
+    3. drops the removed samples: through ``exclude_train_indices`` when the training data come from a
+       :class:`~lightning_robust.datamodules.RobustDataModule` (e.g. ``PoisonedDataModule``), otherwise
+       through a :class:`~lightning_robust.datamodules.FilteredDataset` wrapping the training dataset.
+       Filtering after epoch 0 needs the train loader to be rebuilt, so the callback sets the Trainer's
+       ``reload_dataloaders_every_n_epochs`` to 1 when it is 0;
+    4. logs the number removed (``poison_filter/*``), writes the removed positions to ``output_file``
+       (JSON, rank 0) and keeps them in its checkpoint state: a resumed run re-applies the same removal
+       instead of filtering again. When the DataModule knows its poisons (``poison_indices``), detection
+       rate, precision, recall, F1 and MCC are logged and written too.
+
+    Positions are indices into the training dataset (``RobustDataModule.train_dataset`` or the dataset
+    wrapped by the ``FilteredDataset``). Features are computed with the dataset's own transforms: use a
+    deterministic training transform, or pass test-time features through ``feature_extractor``.
+
+    Args:
+        k: neighbours of the Deep k-NN vote; ``None`` uses the paper's guideline, k about the number of
+            training examples per class (``normalized_k`` times the mean class size).
+        layer: dotted name of the feature layer (in ``feature_extractor`` if given, else in the
+            LightningModule); ``None`` uses the module's output.
+        method: ``"deep_knn"`` (default), or the baselines ``"l2_outlier"``, ``"one_class_svm"``, ``"random"``.
+        filter_epoch: filter before this epoch trains (``0`` = before training starts).
+        feature_extractor: optional separate network computing the features (e.g. a pretrained net).
+        normalized_k: ``k / examples-per-class`` when ``k`` is ``None`` (paper: 1 to 2 works best).
+        tie_break: Deep k-NN vote ties: ``"keep"`` (default), ``"remove"`` or ``"smallest"``.
+        class_balance: ``"none"`` or ``"replicate"`` (the paper's remedy for class imbalance).
+        fraction: share of each class removed by ``"l2_outlier"`` and ``"random"``.
+        nu: the one-class SVM's ``nu``.
+        batch_size: batch size of the feature pass.
+        chunk_size: query rows per block of the k-NN (default: 256 MB of distances).
+        output_file: JSON file for the removed positions (default ``<log_dir>/poison_filter.json``).
+        seed: seed of ``"random"`` eviction.
+
+    Raises:
+        ValueError: on invalid arguments; at fit start, if ``layer`` does not exist; at filtering time, if
+            ``k`` exceeds the number of other samples.
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[DeepKNNPoisonFilter(layer="net.classifier.3", filter_epoch=0)])
+        >>> trainer.fit(model, datamodule=PoisonedDataModule(...))
+    """
+
+    def __init__(
+        self,
+        k: int | None = None,
+        layer: str | None = None,
+        method: str = "deep_knn",
+        filter_epoch: int = 0,
+        feature_extractor: nn.Module | None = None,
+        normalized_k: float = 1.0,
+        tie_break: str = "keep",
+        class_balance: str = "none",
+        fraction: float = 0.05,
+        nu: float = 0.05,
+        batch_size: int = 256,
+        chunk_size: int | None = None,
+        output_file: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if k is not None:
+            check_positive_int("k", k)
+        if layer is not None and not isinstance(layer, str):
+            raise ValueError(f"layer must be a dotted module name or None, got {layer!r}")
+        self.method = check_choice("method", method, FILTER_METHODS)
+        if not isinstance(filter_epoch, int) or isinstance(filter_epoch, bool) or filter_epoch < 0:
+            raise ValueError(f"filter_epoch must be a non-negative integer, got {filter_epoch!r}")
+        if feature_extractor is not None and not isinstance(feature_extractor, nn.Module):
+            raise TypeError(f"feature_extractor must be an nn.Module, got {type(feature_extractor).__name__}")
+        check_positive("normalized_k", normalized_k)
+        check_choice("tie_break", tie_break, TIE_BREAKS)
+        check_choice("class_balance", class_balance, CLASS_BALANCES)
+        check_fraction("fraction", fraction)
+        check_fraction("nu", nu, inclusive_low=False, inclusive_high=True)
+        check_positive_int("batch_size", batch_size)
+        if chunk_size is not None:
+            check_positive_int("chunk_size", chunk_size)
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.k, self.layer, self.filter_epoch = k, layer, filter_epoch
+        self.feature_extractor = feature_extractor
+        self.normalized_k, self.tie_break, self.class_balance = normalized_k, tie_break, class_balance
+        self.fraction, self.nu, self.batch_size, self.chunk_size = fraction, nu, batch_size, chunk_size
+        self.output_file, self.seed = output_file, seed
+        # Decision state (checkpointed): None until the filter has run.
+        self.removed_indices: list[int] | None = None
+        self.num_examples: int = 0
+        self.k_used: int | None = None
+        self.filtered_before_epoch: int | None = None
+        self.detection: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        # Several filters may share a Trainer (e.g. a baseline after the k-NN filter): key the checkpoint
+        # state by what defines the decision point, not by k, so a resumed run may change k freely.
+        return self._generate_state_key(method=self.method, layer=self.layer, filter_epoch=self.filter_epoch)
+
+    # ---- hooks ---------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.layer is not None:
+            resolve_layer(self.feature_extractor or pl_module, self.layer)  # clear error naming valid layers
+        if self.filter_epoch > 0 and not getattr(trainer, "reload_dataloaders_every_n_epochs", 0):
+            # The loader of epoch `filter_epoch` must be built after the decision: the Trainer's own
+            # `reload_dataloaders_every_n_epochs` flag makes the fit loop request a new one each epoch.
+            setattr(trainer, "reload_dataloaders_every_n_epochs", 1)  # noqa: B010 (not declared on Trainer)
+            rank_zero_info("DeepKNNPoisonFilter: set reload_dataloaders_every_n_epochs=1 so that the train "
+                           "dataloader is rebuilt without the removed samples")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.removed_indices is not None:  # restored from a checkpoint: same removal, no new decision
+            target = self._locate(trainer, pl_module, at_start=True, required=False)
+            if target is not None:
+                target.exclude(self.removed_indices)
+            return
+        if self.filter_epoch == 0:
+            self.run_filter(trainer, pl_module, at_start=True)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed run whose data was out of reach at fit start (dataloaders passed to `fit`).
+        if self.removed_indices is not None:
+            target = self._locate(trainer, pl_module, at_start=False, required=False)
+            if target is not None and target.source == "FilteredDataset":
+                target.exclude(self.removed_indices)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.removed_indices is None and trainer.current_epoch + 1 >= self.filter_epoch:
+            self.run_filter(trainer, pl_module, at_start=False)
+
+    # ---- the decision ----------------------------------------------------------------------------------
+    def run_filter(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_start: bool) -> list[int]:
+        """Extract features, decide, exclude; returns the removed positions (identical on every rank)."""
+        target = self._locate(trainer, pl_module, at_start=at_start, required=True)
+        assert target is not None
+        features, labels = self._features(trainer, pl_module, target)
+        keep = self._decide(trainer, features, labels)
+        removed = [target.positions[i] for i in (~keep).nonzero().flatten().tolist()]
+        target.exclude(removed)
+        self.removed_indices = sorted(removed)
+        self.num_examples = len(target.positions)
+        self.filtered_before_epoch = trainer.current_epoch + (0 if at_start else 1)
+        self._report(trainer, target)
+        return self.removed_indices
+
+    def _locate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_start: bool,
+                required: bool) -> _Target | None:
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and callable(getattr(dm, "exclude_train_indices", None)):
+            if getattr(dm, "train_dataset", None) is None:
+                dm.setup("fit")
+            ds = dm.train_dataset
+            excluded = set(getattr(dm, "excluded_train_indices", []))
+            positions = [i for i in range(len(ds)) if i not in excluded]
+            return _Target(ds, positions, dm.exclude_train_indices, type(dm).__name__)
+        loader = None if at_start else trainer.train_dataloader
+        if loader is None:
+            if dm is not None:
+                loader = dm.train_dataloader()
+            elif is_overridden("train_dataloader", pl_module):
+                loader = pl_module.train_dataloader()
+        dataset = getattr(loader, "dataset", None)
+        if isinstance(dataset, FilteredDataset):
+            return _Target(dataset.dataset, dataset.kept_indices, dataset.exclude, "FilteredDataset")
+        if not required:
+            return None
+        where = ("the dataloaders passed to `fit` are not reachable before training starts; use filter_epoch "
+                 ">= 1 or a DataModule" if at_start and loader is None else
+                 f"the training dataset is a {type(dataset).__name__}")
+        raise RuntimeError(
+            "DeepKNNPoisonFilter cannot drop samples: train from a lightning_robust RobustDataModule (e.g. "
+            "PoisonedDataModule, with `exclude_train_indices`) or wrap the training dataset in "
+            f"lightning_robust.datamodules.FilteredDataset ({where})")
+
+    @torch.no_grad()
+    def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                  target: _Target) -> tuple[torch.Tensor, torch.Tensor]:
+        n, world, rank = len(target.positions), trainer.world_size, trainer.global_rank
+        per = math.ceil(n / world)
+        mine = target.positions[rank * per: (rank + 1) * per]
+        device = pl_module.device
+        net = self.feature_extractor.to(device) if self.feature_extractor is not None else pl_module
+        feats: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        loader = DataLoader(Subset(target.dataset, mine), batch_size=self.batch_size, shuffle=False)
+        with model_mode(net, "eval"):
+            for batch in loader:
+                b = split_batch(batch)
+                x = b.x.to(device)
+                if self.layer is None:
+                    f = net(x)
+                else:
+                    with FeatureExtractor(net, self.layer) as fx:
+                        net(x)
+                        f = fx.features
+                feats.append(f.detach().flatten(1).float())
+                labels.append(torch.as_tensor(b.y).long().to(device))
+        if not feats:  # this rank's share is empty (tiny data, many ranks): still join the gather
+            dim = self._feature_dim(trainer, pl_module, target)
+            feats, labels = [torch.zeros(0, dim, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
+        f_mine, y_mine = torch.cat(feats), torch.cat(labels)
+        if world == 1:
+            return f_mine, y_mine
+        pad = per - f_mine.shape[0]
+        f_pad = torch.cat([f_mine, f_mine.new_zeros(pad, f_mine.shape[1])])
+        y_pad = torch.cat([y_mine, y_mine.new_zeros(pad)])
+        f_all = trainer.strategy.all_gather(f_pad).reshape(world * per, -1)[:n]
+        y_all = trainer.strategy.all_gather(y_pad).reshape(world * per)[:n]
+        return f_all, y_all
+
+    def _feature_dim(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: _Target) -> int:
+        sample = split_batch(next(iter(DataLoader(Subset(target.dataset, [0]), batch_size=1))))
+        net = self.feature_extractor or pl_module
+        with model_mode(net, "eval"), torch.no_grad():
+            if self.layer is None:
+                return int(net(sample.x.to(pl_module.device)).flatten(1).shape[1])
+            with FeatureExtractor(net, self.layer) as fx:
+                net(sample.x.to(pl_module.device))
+                return int(fx.features.shape[1])
+
+    def _decide(self, trainer: pl.Trainer, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n, world, rank = labels.shape[0], trainer.world_size, trainer.global_rank
+        if self.method == "deep_knn":
+            k = self.k if self.k is not None else default_k(labels, self.normalized_k)
+            if k > n - 1:
+                raise ValueError(f"DeepKNNPoisonFilter: k must be at most n - 1 = {n - 1} (the training set has "
+                                 f"{n} samples; self is excluded), got k={k}")
+            self.k_used = k
+            per = math.ceil(n / world)
+            rows = (min(rank * per, n), min((rank + 1) * per, n))
+            keep_mine = deep_knn_filter(features, labels, k, tie_break=self.tie_break,
+                                        class_balance=self.class_balance, rows=rows,
+                                        chunk_size=self.chunk_size).long()
+            if world == 1:
+                return keep_mine.bool().cpu()
+            padded = torch.cat([keep_mine, keep_mine.new_zeros(per - keep_mine.shape[0])])
+            return trainer.strategy.all_gather(padded).reshape(world * per)[:n].bool().cpu()
+        keep = torch.ones(n, dtype=torch.bool)
+        if rank == 0 or world == 1:
+            f, y = features.cpu(), labels.cpu()
+            if self.method == "l2_outlier":
+                keep = l2_outlier_filter(f, y, self.fraction)
+            elif self.method == "one_class_svm":
+                keep = one_class_svm_filter(f, y, self.nu)
+            else:
+                keep = random_eviction(f, y, self.fraction, generator=torch.Generator().manual_seed(self.seed))
+        if world > 1:
+            keep = trainer.strategy.broadcast(keep, src=0)
+        return keep
+
+    def _report(self, trainer: pl.Trainer, target: _Target) -> None:
+        removed = self.removed_indices or []
+        metrics: dict[str, float] = {"poison_filter/num_removed": float(len(removed)),
+                                     "poison_filter/num_examples": float(self.num_examples)}
+        poisons = getattr(getattr(trainer, "datamodule", None), "poison_indices", None)
+        if poisons is not None:
+            pos = torch.tensor(target.positions)
+            is_poison = torch.isin(pos, torch.tensor(list(poisons), dtype=torch.long))
+            was_removed = torch.isin(pos, torch.tensor(removed, dtype=torch.long))
+            scores = poison_detection_scores(was_removed, is_poison)
+            self.detection = {k: float(v) for k, v in scores.items()}
+            metrics.update({f"poison_filter/{k}": v for k, v in self.detection.items()})
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_info(f"DeepKNNPoisonFilter ({self.method}{'' if self.k_used is None else f', k={self.k_used}'}):"
+                       f" removed {len(removed)} of {self.num_examples} training samples from {target.source}")
+        path = self.output_path(trainer)  # on every rank: `trainer.log_dir` is a collective under DDP
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({
+                "method": self.method, "k": self.k_used, "filtered_before_epoch": self.filtered_before_epoch,
+                "num_examples": self.num_examples, "num_removed": len(removed), "removed_indices": removed,
+                "detection": self.detection,
+            }, indent=1))
+
+    def output_path(self, trainer: pl.Trainer) -> Path:
+        """Where the removed positions are written (call on every rank: ``log_dir`` broadcasts under DDP)."""
+        if self.output_file is not None:
+            return Path(self.output_file)
+        root = trainer.log_dir or trainer.default_root_dir
+        return Path(root if root is not None else os.getcwd()) / "poison_filter.json"
+
+    # ---- checkpoint state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "removed_indices": self.removed_indices,
+            "num_examples": self.num_examples,
+            "k_used": self.k_used,
+            "filtered_before_epoch": self.filtered_before_epoch,
+            "method": self.method,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        removed = state_dict.get("removed_indices")
+        self.removed_indices = None if removed is None else [int(i) for i in removed]
+        self.num_examples = int(state_dict.get("num_examples", 0))
+        self.k_used = state_dict.get("k_used")
+        self.filtered_before_epoch = state_dict.get("filtered_before_epoch")
