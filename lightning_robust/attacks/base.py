@@ -110,6 +110,9 @@ class Attack(ABC):
 
     def loss_per_sample(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The per-sample objective the attack maximizes (sign already set for targeted attacks)."""
+        if y.numel() and int(y.max()) >= logits.shape[1]:
+            # Out-of-range labels would index past the logits (a device-side assert on CUDA).
+            raise ValueError(f"y holds class index {int(y.max())} but the model outputs {logits.shape[1]} classes")
         return attack_loss(logits, y, self.loss, self.targeted, self.kappa)
 
     def is_successful(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -132,15 +135,34 @@ class Attack(ABC):
     def validate(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Raise a clear error for inputs outside the bounds or labels of the wrong shape."""
         check_image_range("x", x, self.threat.low, self.threat.high)
+        if x.ndim < 2:
+            raise ValueError(f"x must be a batch [B, ...] with at least one feature dimension, got shape "
+                             f"{tuple(x.shape)}")
         if not torch.is_tensor(y) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError("y must be an integer tensor of class labels")
         if y.ndim != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(f"y must have shape [{x.shape[0]}] (one label per sample), got {tuple(y.shape)}")
+        if y.numel() and int(y.min()) < 0:
+            raise ValueError(f"y must hold class indices >= 0, got {int(y.min())}")
+
+    @staticmethod
+    def check_model_dtype(model: nn.Module, x: torch.Tensor) -> None:
+        """Raise if ``x`` and the model's floating parameters have different dtypes (outside autocast)."""
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if param is None or param.dtype == x.dtype:
+            return
+        if torch.is_autocast_enabled(x.device.type):
+            return  # mixed precision: autocast casts the inputs of each op
+        raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {param.dtype}; convert x (or the "
+                        "model) so they match")
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Return adversarial examples for ``(x, y)`` against ``model`` (see the module docstring)."""
         self.validate(x, y)
+        if x.shape[0] == 0:
+            return x.detach().clone()  # an empty batch has no adversarial examples to find
+        self.check_model_dtype(model, x)
         # Validation loops may run under inference_mode, whose tensors cannot enter autograd: leave it,
         # and clone so that the attack owns a normal tensor.
         with torch.inference_mode(False), torch.enable_grad(), model_mode(model, self.model_mode):
