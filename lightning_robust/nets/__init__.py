@@ -1,5 +1,7 @@
 """Plain ``nn.Module`` networks (no Lightning imports): images in [0, 1], optional normalization layer."""
 
+from lightning_robust.nets.domain_adaptation import DigitFeatureExtractor, TorchvisionBackbone
+from lightning_robust.nets.linear_generator import LinearGenerator
 from lightning_robust.nets.mlp import MLP
 from lightning_robust.nets.mobilenet_v2 import MobileNetV2
 from lightning_robust.nets.normalize import Normalize
@@ -19,12 +21,15 @@ for _name, _factory in {
     register_net(_name, _factory)
 
 __all__ = [
+    "DigitFeatureExtractor",
+    "LinearGenerator",
     "MLP",
     "MobileNetV2",
     "Normalize",
     "ResNet18",
     "ResNet32",
     "SmallCNN",
+    "TorchvisionBackbone",
     "WideResNet",
     "available_nets",
     "build_net",
