@@ -154,7 +154,6 @@ class NWGAN(GAN):
         self.proportions_lr = proportions_lr
         self.lr_decay = bool(lr_decay)
         self._checked_shapes = False
-        self._base_lrs: list[list[float]] | None = None
 
     # ---- the mixture ----------------------------------------------------------------------------------
     @property
@@ -292,14 +291,14 @@ class NWGAN(GAN):
             return
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
-        if self._base_lrs is None:
-            self._base_lrs = [[float(g["lr"]) for g in opt.param_groups] for opt in opts]
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        # The training-batch counter (part of the checkpoint) gives the same schedule after a resume.
+        # The training-batch counter (part of the checkpoint) gives the same schedule after a resume; the
+        # base rates live in the param groups ("initial_lr"), which the optimiser state saves and restores.
         factor = max(0.0, 1.0 - int(self.gan_step) / total)
-        for opt, lrs in zip(opts, self._base_lrs):
-            for group, lr in zip(opt.param_groups, lrs):
-                group["lr"] = lr * factor
+        for opt in opts:
+            for group in opt.param_groups:
+                group.setdefault("initial_lr", float(group["lr"]))
+                group["lr"] = float(group["initial_lr"]) * factor
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nw_proportions"] = self.proportions.tolist()
