@@ -20,14 +20,14 @@ from pytorch_lightning.cli import OptimizerCallable
 from torch import nn
 
 from lightning_robust.models.gan import GAN, default_gan_optimizer, gradient_penalty
-from lightning_robust.ot.mixtures import assign_to_generators
+from lightning_robust.ot.mixtures import assign_to_generators, kmeans
 from lightning_robust.ot.normalized_wasserstein import (
     MixtureProportions,
     mixture_expectation,
     normalized_wasserstein,
     sample_mixture,
 )
-from lightning_robust.utils.validation import check_positive, check_positive_int
+from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int
 
 __all__ = ["NWGAN", "allocate_components"]
 
@@ -84,6 +84,12 @@ class NWGAN(GAN):
             RMSprop on 2-D data, 20x with Adam on images); ``None`` uses the generator's.
         reinitialise_components: re-draw each copy's parameters (``reset_parameters``) from
             ``seed + 1000 k``; with ``False`` all components start equal (they then stay nearly equal).
+        init_components: ``"random"`` (each component as initialised) or ``"kmeans"``: at the start of
+            training, shift each component so that its mean output sits on one of ``K`` k-means centres of
+            the first ``kmeans_samples`` training samples (:meth:`place_components`; rank 0's centres are
+            broadcast under DDP; skipped when resuming). From random starts the components tend to pile onto
+            the heaviest modes and ``π`` follows them (see BENCHMARKS.md); k-means starts spread them.
+        kmeans_samples: number of training samples for ``"kmeans"``.
         lr_decay: decay every learning rate linearly to zero over the training batches (the ``DECAY``
             option of the authors' image NW-GAN). WGAN-GP critics keep a unit gradient norm up to the
             optimum, so with a constant rate the components orbit their modes; the decay damps that.
@@ -112,6 +118,8 @@ class NWGAN(GAN):
         proportions: Sequence[float] | None = None,
         proportions_lr: float | None = None,
         reinitialise_components: bool = True,
+        init_components: str = "random",
+        kmeans_samples: int = 4000,
         lr_decay: bool = False,
         latent_dim: int | None = None,
         latent_shape: tuple[int, ...] = (),
@@ -132,6 +140,8 @@ class NWGAN(GAN):
             raise ValueError(f"loss must be 'wgan-gp' or 'wgan-clip' for NW-GAN (a Wasserstein dual), got {loss!r}")
         if proportions_lr is not None:
             check_positive("proportions_lr", proportions_lr)
+        check_choice("init_components", init_components, ("random", "kmeans"))
+        check_positive_int("kmeans_samples", kmeans_samples)
         pi = MixtureProportions(num_components, proportions, learnable=learn_proportions)
         if latent_dim is None:
             latent_dim = getattr(generator, "latent_dim", None)
@@ -153,6 +163,7 @@ class NWGAN(GAN):
         self.learn_proportions = bool(learn_proportions)
         self.proportions_lr = proportions_lr
         self.lr_decay = bool(lr_decay)
+        self.init_components, self.kmeans_samples = init_components, kmeans_samples
         self._checked_shapes = False
 
     # ---- the mixture ----------------------------------------------------------------------------------
@@ -234,6 +245,47 @@ class NWGAN(GAN):
         labels, _ = assign_to_generators(x.to(self.device), list(nets), self.latent_dim,  # type: ignore[arg-type]
                                          method=method, latent_shape=self.latent_shape, **kwargs)
         return labels
+
+    @torch.no_grad()
+    def place_components(self, centers: torch.Tensor, n_latents: int = 512) -> None:
+        """Shift component ``k`` so that its mean output is ``centers[k]`` (via its last ``nn.Linear``'s bias).
+
+        Raises:
+            ValueError: if ``centers`` is not ``[K, *sample_shape]`` or a component's output is not the
+                flattened output of its last ``nn.Linear`` layer.
+        """
+        if centers.shape[0] != self.num_components:
+            raise ValueError(f"centers must have num_components = {self.num_components} rows, got {centers.shape[0]}")
+        z = self.sample_latents(n_latents, torch.Generator(device=self.device).manual_seed(self.seed))
+        for k, comp in enumerate(self.components):
+            last = [m for m in comp.modules() if isinstance(m, nn.Linear)]
+            if not last or last[-1].bias is None:
+                raise ValueError("place_components needs components whose last layer is an nn.Linear with a bias")
+            shift = (centers[k].to(self.device) - comp(z).mean(dim=0)).flatten()
+            if shift.numel() != last[-1].bias.numel():
+                raise ValueError(f"component outputs have {shift.numel()} values but the last nn.Linear has "
+                                 f"{last[-1].bias.numel()} biases")
+            last[-1].bias.add_(shift.to(last[-1].bias.dtype))
+        if self.generator_ema is not None:
+            self.generator_ema.load_state_dict(self.generator.state_dict())
+
+    def on_fit_start(self) -> None:
+        if self.init_components != "kmeans" or int(self.gan_step) > 0:
+            return
+        dm = self.trainer.datamodule
+        if dm is None:
+            raise ValueError("init_components='kmeans' needs a datamodule (its training samples seed the k-means)")
+        xs, n = [], 0
+        for batch in dm.train_dataloader():
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            xs.append(x)
+            n += x.shape[0]
+            if n >= self.kmeans_samples:
+                break
+        x = torch.cat(xs)[: self.kmeans_samples].to(self.device)
+        centers = kmeans(x.flatten(1), self.num_components, seed=self.seed)[1].reshape(-1, *x.shape[1:])
+        centers = self.trainer.strategy.broadcast(centers, 0)
+        self.place_components(centers)
 
     # ---- losses ---------------------------------------------------------------------------------------
     def _scores(self, fake: torch.Tensor) -> torch.Tensor:
