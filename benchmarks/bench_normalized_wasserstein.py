@@ -119,7 +119,8 @@ def w_versus_nw(quick: bool) -> str:
                      str([round(p, 2) for p in rx.proportions.tolist()]),
                      str([round(p, 2) for p in ry.proportions.tolist()])])
     head = (f"Components N((0,0)), N((4,0)), N((0,4)), std 0.3, {n // 3} samples each; X, Y: {n} samples. "
-            "W = exact W1(X, Y) (POT); NW = min_π W(X, Σπ_k P_k) + min_π W(Y, Σπ_k P_k) (entropic, reg 0.005); W(X, X′) = exact W1 between two samples of X's law, the finite-sample floor "
+            "W = exact W1(X, Y) (POT); NW = min_π W(X, Σπ_k P_k) + min_π W(Y, Σπ_k P_k) (entropic, reg 0.005); "
+            "W(X, X′) = exact W1 between two samples of X's law, the finite-sample floor "
             "(NW sums two such terms).\n\n")
     return head + markdown_table(["π of X", "π of Y", "W(X, Y)", "NW(X, Y)", "W(X, X′) floor", "π̂ of X", "π̂ of Y"],
                                  rows)

@@ -13,7 +13,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COMMON = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
 
 
-@pytest.mark.parametrize("name, extra", [
+@pytest.mark.parametrize(("name", "extra"), [
     ("nw_da_mnist_mnistm.yaml", []),
     # No download in tests: a random-weight ResNet-18 stands in for the pretrained ResNet-50.
     ("nw_da_visda.yaml", ["--model.init_args.feature_extractor.init_args.arch=resnet18",

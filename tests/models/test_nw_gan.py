@@ -5,7 +5,6 @@ import functools
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import nn
 
 from lightning_robust.datamodules import GaussianMixtureDataModule
 from lightning_robust.models import GAN, NWGAN

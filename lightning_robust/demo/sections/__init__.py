@@ -8,12 +8,13 @@ from collections.abc import Callable
 
 from lightning_robust.demo.context import DemoContext
 from lightning_robust.demo.report import Report
-from lightning_robust.demo.sections import classifier
+from lightning_robust.demo.sections import classifier, normalized_wasserstein
 
 SectionFn = Callable[[DemoContext, Report], None]
 
 SECTIONS: list[tuple[str, str, SectionFn]] = [
     ("classifier", "Classifier on the bundled digits", classifier.run),
+    ("normalized_wasserstein", "Normalized Wasserstein: NW-GAN learns mixture proportions", normalized_wasserstein.run),
 ]
 
 __all__ = ["SECTIONS", "SectionFn"]
