@@ -91,6 +91,24 @@ def test_fixed_pi_stays_fixed_and_sampling_follows_pi(tmp_path):
     assert gan.component_samples(6).shape == (3, 6, 2)
 
 
+def test_place_components_and_kmeans_start(tmp_path):
+    gan = NWGAN(LinearGenerator(hidden=(8, 8)), MLP(2, 1, hidden=(8,)), num_components=3, latent_dim=2, ema_decay=0.9)
+    centers = torch.tensor([[5.0, 1.0], [-2.0, 3.0], [0.5, -4.0]])
+    gan.place_components(centers, n_latents=512)
+    z = gan.sample_latents(512, torch.Generator().manual_seed(gan.seed))
+    means = torch.stack([c(z).mean(0) for c in gan.components])
+    assert torch.allclose(means, centers, atol=1e-5)
+    assert torch.equal(flat_params(gan.generator_ema), flat_params(gan.generator))
+    with pytest.raises(ValueError, match="centers must have num_components = 3 rows, got 2"):
+        gan.place_components(centers[:2])
+    # k-means start: one component on each populated mode of the data (fit of 0 steps: only the start).
+    km = _placed_gan(init_components="kmeans", kmeans_samples=512)
+    single_trainer(tmp_path, max_steps=1, limit_train_batches=1).fit(km, datamodule=_dm(n_train=512))
+    pos = km.component_samples(500, use_ema=False).mean(1)
+    d = torch.cdist(pos, _dm().centers[:3]).min(dim=1)
+    assert (d.values < 0.3).all() and sorted(d.indices.tolist()) == [0, 1, 2]
+
+
 def test_checkpoint_loads_with_weights_only(tmp_path):
     gan = _placed_gan()
     trainer = single_trainer(tmp_path, max_steps=2)
@@ -127,7 +145,8 @@ def _proportions(_trainer, module):
 
 @pytest.mark.ddp
 def test_ddp_ranks_agree_on_pi_and_weights(tmp_path):
-    gan = _placed_gan(loss="wgan-gp", n_critic=2, ema_decay=0.9, lr_decay=True)
+    gan = _placed_gan(loss="wgan-gp", n_critic=2, ema_decay=0.9, lr_decay=True, init_components="kmeans",
+                      kmeans_samples=256)
     trainer = ddp_trainer(tmp_path, find_unused_parameters=True, max_epochs=1,
                           callbacks=[RankGather(tmp_path / "p.pt"),
                                      RankGather(tmp_path / "pi.pt", _proportions)])
