@@ -10,7 +10,7 @@ from lightning_robust.datamodules import DomainAdaptationDataModule, GaussianMix
 from lightning_robust.models import NWGAN, NWDomainAdaptation
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-COMMON = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+COMMON = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"]  # default logger on: hparams merge
 
 
 @pytest.mark.parametrize(("name", "extra"), [

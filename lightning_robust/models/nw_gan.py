@@ -79,7 +79,8 @@ class NWGAN(GAN):
         discriminator: the critic, samples to one score each.
         num_components: ``K >= 1`` generators.
         learn_proportions: learn ``π`` (NW-GAN) or keep it fixed (fixed-π mixture baseline).
-        proportions: initial (or fixed) ``π``; uniform if ``None``.
+        initial_proportions: initial (or fixed) ``π``; uniform if ``None``. (Not ``proportions``: that is the
+            data module's argument, and Lightning refuses equal hparam names with different values.)
         proportions_lr: learning rate of ``π``'s parameter group (the authors use 200x the generator's with
             RMSprop on 2-D data, 20x with Adam on images); ``None`` uses the generator's.
         reinitialise_components: re-draw each copy's parameters (``reset_parameters``) from
@@ -98,7 +99,7 @@ class NWGAN(GAN):
             ``loss`` must be ``"wgan-gp"`` or ``"wgan-clip"`` (NW is a Wasserstein construction).
 
     Raises:
-        ValueError: if ``num_components < 1``, ``proportions`` are negative, do not sum to one or have the
+        ValueError: if ``num_components < 1``, ``initial_proportions`` are negative, do not sum to one or have the
             wrong length, the loss is not a Wasserstein loss, or generated and real samples differ in shape.
 
     Example:
@@ -115,7 +116,7 @@ class NWGAN(GAN):
         discriminator: nn.Module,
         num_components: int = 2,
         learn_proportions: bool = True,
-        proportions: Sequence[float] | None = None,
+        initial_proportions: Sequence[float] | None = None,
         proportions_lr: float | None = None,
         reinitialise_components: bool = True,
         init_components: str = "random",
@@ -142,7 +143,7 @@ class NWGAN(GAN):
             check_positive("proportions_lr", proportions_lr)
         check_choice("init_components", init_components, ("random", "kmeans"))
         check_positive_int("kmeans_samples", kmeans_samples)
-        pi = MixtureProportions(num_components, proportions, learnable=learn_proportions)
+        pi = MixtureProportions(num_components, initial_proportions, learnable=learn_proportions)
         if latent_dim is None:
             latent_dim = getattr(generator, "latent_dim", None)
             if not isinstance(latent_dim, int):

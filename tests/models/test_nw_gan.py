@@ -82,7 +82,7 @@ def test_learned_pi_moves_toward_true_proportions(tmp_path):
 
 
 def test_fixed_pi_stays_fixed_and_sampling_follows_pi(tmp_path):
-    gan = _placed_gan(learn_proportions=False, proportions=[0.5, 0.3, 0.2])
+    gan = _placed_gan(learn_proportions=False, initial_proportions=[0.5, 0.3, 0.2])
     single_trainer(tmp_path, max_steps=4).fit(gan, datamodule=_dm(n_train=512))
     assert torch.allclose(gan.proportions, torch.tensor([0.5, 0.3, 0.2]), atol=1e-6)
     samples, comp = gan.sample(10, return_components=True)
@@ -127,11 +127,11 @@ def test_bad_arguments_and_shapes(tmp_path):
     with pytest.raises(ValueError, match="num_components must be a positive integer, got 0"):
         NWGAN(g, d, num_components=0, latent_dim=2)
     with pytest.raises(ValueError, match="proportions must be non-negative"):
-        NWGAN(g, d, num_components=2, proportions=[1.5, -0.5], latent_dim=2)
+        NWGAN(g, d, num_components=2, initial_proportions=[1.5, -0.5], latent_dim=2)
     with pytest.raises(ValueError, match="proportions must sum to one"):
-        NWGAN(g, d, num_components=2, proportions=[0.5, 0.2], latent_dim=2)
+        NWGAN(g, d, num_components=2, initial_proportions=[0.5, 0.2], latent_dim=2)
     with pytest.raises(ValueError, match="proportions must have num_components = 3 entries, got 2"):
-        NWGAN(g, d, num_components=3, proportions=[0.5, 0.5], latent_dim=2)
+        NWGAN(g, d, num_components=3, initial_proportions=[0.5, 0.5], latent_dim=2)
     with pytest.raises(ValueError, match="loss must be 'wgan-gp' or 'wgan-clip'"):
         NWGAN(g, d, loss="ns", latent_dim=2)
     wrong = NWGAN(LinearGenerator(out_features=3), MLP(3, 1, hidden=(8,)), num_components=2, latent_dim=2)
