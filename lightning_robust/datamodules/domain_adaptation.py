@@ -56,11 +56,11 @@ class DomainAdaptationDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         for dm in (self.source, self.target):
             dm.trainer = self.trainer
-            dm.setup(stage)
+            dm.setup(stage)  # type: ignore[arg-type]  # our DataModules accept None
 
     def train_dataloader(self) -> CombinedLoader:
         return CombinedLoader({"source": self.source.train_dataloader(), "target": self.target.train_dataloader()},
-                              mode=self.mode)
+                              mode=self.mode)  # type: ignore[arg-type]  # validated in __init__
 
     def _both(self, split: str) -> list[DataLoader]:
         loaders = []

@@ -131,6 +131,8 @@ class NWDomainAdaptation(pl.LightningModule):
         >>> model.proportions            # estimated target class proportions
     """
 
+    da_step: torch.Tensor
+
     def __init__(
         self,
         feature_extractor: nn.Module,

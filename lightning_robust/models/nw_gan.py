@@ -182,6 +182,11 @@ class NWGAN(GAN):
         """``[K, B, ...]``: every component applied to the same latents ``z``."""
         return torch.stack([g(z) for g in self.components])
 
+    def _nets(self, use_ema: bool) -> nn.ModuleList:
+        nets = self.generator_ema if (use_ema and self.generator_ema is not None) else self.generator
+        assert isinstance(nets, nn.ModuleList)
+        return nets
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Samples of the mixture for latents ``z`` (components allocated by ``π``, see :meth:`sample`)."""
         return self.sample(z=z, use_ema=False)
@@ -207,9 +212,9 @@ class NWGAN(GAN):
         comp = allocate_components(self.proportions, z.shape[0]) if components is None else components.long().cpu()
         if comp.numel() != z.shape[0]:
             raise ValueError(f"components must have one entry per latent ({z.shape[0]}), got {comp.numel()}")
-        nets = self.generator_ema if (use_ema and self.generator_ema is not None) else self.generator
+        nets = self._nets(use_ema)
         out: torch.Tensor | None = None
-        for k, net in enumerate(nets):  # type: ignore[arg-type]
+        for k, net in enumerate(nets):
             rows = (comp == k).nonzero().flatten().to(self.device)
             if rows.numel() == 0:
                 continue
@@ -229,9 +234,9 @@ class NWGAN(GAN):
     def component_samples(self, n: int, use_ema: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """``[K, n, ...]``: ``n`` samples of every component (e.g. the components of an NW two-sample test)."""
         z = self.sample_latents(n, generator)
-        nets = self.generator_ema if (use_ema and self.generator_ema is not None) else self.generator
+        nets = self._nets(use_ema)
         outs = []
-        for net in nets:  # type: ignore[union-attr]
+        for net in nets:
             was_training = net.training
             net.eval()
             try:
@@ -242,8 +247,8 @@ class NWGAN(GAN):
 
     def cluster(self, x: torch.Tensor, method: str = "projection", **kwargs: Any) -> torch.Tensor:
         """Adversarial clustering: the component of each point (:func:`~lightning_robust.ot.assign_to_generators`)."""
-        nets = self.generator_ema if self.generator_ema is not None else self.generator
-        labels, _ = assign_to_generators(x.to(self.device), list(nets), self.latent_dim,  # type: ignore[arg-type]
+        nets = self._nets(use_ema=True)
+        labels, _ = assign_to_generators(x.to(self.device), list(nets), self.latent_dim,
                                          method=method, latent_shape=self.latent_shape, **kwargs)
         return labels
 
@@ -273,7 +278,7 @@ class NWGAN(GAN):
     def on_fit_start(self) -> None:
         if self.init_components != "kmeans" or int(self.gan_step) > 0:
             return
-        dm = self.trainer.datamodule
+        dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             raise ValueError("init_components='kmeans' needs a datamodule (its training samples seed the k-means)")
         xs, n = [], 0

@@ -76,6 +76,9 @@ class TorchvisionBackbone(nn.Module):
         (torch.Size([2, 512]), 512)
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, arch: str = "resnet18", weights: str | None = None) -> None:
         super().__init__()
         import torchvision

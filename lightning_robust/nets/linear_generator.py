@@ -55,7 +55,9 @@ class LinearGenerator(nn.Module):
     @torch.no_grad()
     def affine_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, b)`` with ``G(z) = A z + b``: the component is ``N(b, A Aᵀ)`` for standard normal ``z``."""
-        eye = torch.eye(self.latent_dim, device=self.layers[0].weight.device)
+        first = self.layers[0]
+        assert isinstance(first, nn.Linear)
+        eye = torch.eye(self.latent_dim, device=first.weight.device)
         b = self.forward(torch.zeros(1, self.latent_dim, device=eye.device))[0]
         a = (self.forward(eye) - b).T
         return a, b

@@ -150,7 +150,7 @@ def nw_two_sample_test(
         support, groups = pooled, labels
         labels_out = labels.cpu()
     else:
-        comps = list(components)
+        comps = list(components)  # type: ignore[arg-type]
         if not comps:
             raise ValueError("components must hold at least one sample set (K >= 1)")
         for i, c in enumerate(comps):
