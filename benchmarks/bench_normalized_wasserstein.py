@@ -55,8 +55,11 @@ def _trainer(max_epochs: int) -> pl.Trainer:
                       check_val_every_n_epoch=10_000)
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.4f}"
+def _pm(values: list[float], digits: int = 4) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{float(t.mean()):.{digits}f} ± {float(t.std()):.{digits}f}"
 
 
 def mixture_of_gaussians(quick: bool) -> str:
@@ -75,34 +78,44 @@ def mixture_of_gaussians(quick: bool) -> str:
                      learn_proportions=learn, proportions_lr=5e-2, loss="wgan-clip", init_components=init,
                      generator_optimizer=rms, discriminator_optimizer=rms)
 
-    runs: list[tuple[str, pl.LightningModule]] = [
-        ("NW-GAN, learned π (k-means start)", nw(True, "kmeans")),
-        ("mixture, fixed uniform π (k-means start)", nw(False, "kmeans")),
-        ("NW-GAN, learned π (random start)", nw(True, "random")),
-        ("single WGAN (MLP generator)", GAN(MLP(2, 2, hidden=(128, 128, 128)), MLP(2, 1, hidden=(64, 64)),
-                                           latent_dim=2, loss="wgan-clip", generator_optimizer=rms,
-                                           discriminator_optimizer=rms)),
-    ]
-    for name, model in runs:
-        pl.seed_everything(0, verbose=False)
-        t0 = time.perf_counter()
-        _trainer(epochs).fit(model, datamodule=dm)
-        seconds = time.perf_counter() - t0
-        e = mixture_recovery_errors(model.sample(4000), dm.centers, covs, PI_GRID)
-        if isinstance(model, NWGAN) and model.learn_proportions:
-            labels = model.cluster(x_cl, method="nearest", n_samples=2000)
-            cluster_rows.append([f"adversarial clustering: {name}", f"{100 * clustering_accuracy(labels, y_cl):.1f}"])
-        pi_est = e["pi_estimate"]
-        assert isinstance(pi_est, list)
-        rows.append([name, _fmt(float(e["pi_error"])), _fmt(float(e["mean_error"])), _fmt(float(e["cov_error"])),
-                     e["empty_modes"], "[" + ", ".join(f"{p:.2f}" for p in pi_est) + "]", f"{seconds:.0f}"])
+    def wgan() -> GAN:
+        return GAN(MLP(2, 2, hidden=(128, 128, 128)), MLP(2, 1, hidden=(64, 64)), latent_dim=2, loss="wgan-clip",
+                   generator_optimizer=rms, discriminator_optimizer=rms)
+
+    makers = [("NW-GAN, learned π (k-means start)", functools.partial(nw, True, "kmeans")),
+              ("mixture, fixed uniform π (k-means start)", functools.partial(nw, False, "kmeans")),
+              ("NW-GAN, learned π (random start)", functools.partial(nw, True, "random")),
+              ("single WGAN (MLP generator)", wgan)]
+    seeds = (0,) if quick else (0, 1, 2)
+    for name, make in makers:
+        errs: dict[str, list[float]] = {"pi_error": [], "mean_error": [], "cov_error": [], "empty_modes": []}
+        accs, seconds, pi0 = [], 0.0, ""
+        for seed in seeds:
+            pl.seed_everything(seed, verbose=False)  # before construction: the seed sets the initial weights
+            model = make()
+            t0 = time.perf_counter()
+            _trainer(epochs).fit(model, datamodule=dm)
+            seconds += time.perf_counter() - t0
+            e = mixture_recovery_errors(model.sample(4000), dm.centers, covs, PI_GRID)
+            for k in errs:
+                errs[k].append(float(e[k]))  # type: ignore[arg-type]
+            if seed == seeds[0]:
+                pi0 = "[" + ", ".join(f"{p:.2f}" for p in e["pi_estimate"]) + "]"  # type: ignore[union-attr]
+            if isinstance(model, NWGAN) and model.learn_proportions:
+                labels = model.cluster(x_cl, method="nearest", n_samples=2000)
+                accs.append(100 * clustering_accuracy(labels, y_cl))
+        if accs:
+            cluster_rows.append([f"adversarial clustering: {name}", _pm(accs, 1)])
+        rows.append([name, _pm(errs["pi_error"]), _pm(errs["mean_error"]), _pm(errs["cov_error"]),
+                     f"{sum(errs['empty_modes']) / len(seeds):.1f}", pi0, f"{seconds / len(seeds):.0f}"])
     head = (f"3x3 grid, spacing 2, std {STD}, true π = [0.20, 0.18, ..., 0.02]; {n_train} training points, {epochs} "
             "epochs, batch 256, 5 critic steps per generator step, weight clipping 0.01, RMSprop 2e-3 (π: 5e-2). "
-            "Errors as in the authors' evaluation (lower is better); π̂ = share of samples nearest each mode.\n\n")
-    return (head + markdown_table(["model", "pi error", "mean error", "cov error", "empty modes", "π̂ per mode",
-                                   "fit s"], rows)
+            f"Errors as in the authors' evaluation (lower is better), mean ± std over seeds {list(seeds)} (initial "
+            f"weights); π̂ = share of samples nearest each mode, seed {seeds[0]}.\n\n")
+    return (head + markdown_table(["model", "pi error", "mean error", "cov error", "empty modes (mean)",
+                                   f"π̂ per mode (seed {seeds[0]})", "fit s"], rows)
             + "\n\nClustering 2000 fresh points of the mixture (each point to the component whose samples are "
-            "nearest; accuracy under the best matching of clusters to modes):\n\n"
+            "nearest; accuracy % under the best matching of clusters to modes; mean ± std over the same seeds):\n\n"
             + markdown_table(["method", "clustering accuracy %"], cluster_rows))
 
 
@@ -197,7 +210,8 @@ def domain_adaptation(quick: bool) -> str:
                      f"{100 * logs['test/source_acc']:.1f}", pi, f"{seconds:.0f}"])
     data = "MNIST test digits (half each domain)" if use_mnist else "bundled 8x8 digits upsampled to 28 px"
     head = (f"{data}; classes (1, 4, 8): source proportions {p_src}, target reversed; target = MNIST-M-style "
-            f"colour blends made on the fly. DANN digits CNN, {epochs} epochs, batch 64, Adam 2e-4 (π: 5e-4 as the authors, or 1e-2), "
+            f"colour blends made on the fly. DANN digits CNN, {epochs} epochs, batch 64, Adam 2e-4 (π: 5e-4 as the "
+            "authors, or 1e-2), "
             "critic with gradient penalty 10 and alignment at every batch (with the authors' clipping 0.01 and "
             "alignment every 10th batch, the clipped critic's gradients are too small to move the features in "
             "this short run: all methods equal source-only). Accuracies in % on the target/source test "
