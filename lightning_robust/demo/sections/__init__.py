@@ -15,6 +15,7 @@ from lightning_robust.demo.sections import (
     entropic_gan,
     gan_distillation,
     interpretation,
+    normalized_wasserstein,
     poison_filter,
     text_spgd,
 )
@@ -30,6 +31,7 @@ SECTIONS: list[tuple[str, str, SectionFn]] = [
     ("poison_filter", "Deep k-NN poison filter", poison_filter.run),
     ("attacks", "Adversarial attacks and adversarial training", attacks.run),
     ("gan_distillation", "GAN compression by distillation", gan_distillation.run),
+    ("normalized_wasserstein", "Normalized Wasserstein: NW-GAN learns mixture proportions", normalized_wasserstein.run),
 ]
 
 __all__ = ["SECTIONS", "SectionFn"]
