@@ -1,5 +1,6 @@
 """LightningModules."""
 
+from lightning_robust.models.ard import ARDStudent
 from lightning_robust.models.classifier import Classifier
 
-__all__ = ["Classifier"]
+__all__ = ["ARDStudent", "Classifier"]
