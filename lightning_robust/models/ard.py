@@ -234,7 +234,8 @@ class ARDStudent(Classifier):
     @property
     def teacher(self) -> nn.Module:
         """The frozen teacher (not a submodule: not in ``parameters()`` nor in the state dict)."""
-        return self._teacher  # type: ignore[no-any-return]
+        teacher: nn.Module = self.__dict__["_teacher"]
+        return teacher
 
     @property
     def student(self) -> nn.Module:
@@ -320,7 +321,8 @@ class ARDStudent(Classifier):
             self._teacher_acc_pending = False
             self.teacher_accuracy = float(self.teacher_acc.compute())  # synchronised over processes
             self.teacher_acc.reset()
-            self.log("val/teacher_acc", self.teacher_accuracy, sync_dist=False)
+            # Already the same on every rank; sync_dist only averages equal values (and quiets Lightning).
+            self.log("val/teacher_acc", self.teacher_accuracy, sync_dist=True)
 
     # ---- checkpoint state -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
