@@ -8,13 +8,14 @@ from collections.abc import Callable
 
 from lightning_robust.demo.context import DemoContext
 from lightning_robust.demo.report import Report
-from lightning_robust.demo.sections import attacks, classifier
+from lightning_robust.demo.sections import ard, attacks, classifier
 
 SectionFn = Callable[[DemoContext, Report], None]
 
 SECTIONS: list[tuple[str, str, SectionFn]] = [
     ("classifier", "Classifier on the bundled digits", classifier.run),
     ("attacks", "Adversarial attacks and adversarial training", attacks.run),
+    ("ard", "Adversarially Robust Distillation", ard.run),
 ]
 
 __all__ = ["SECTIONS", "SectionFn"]
