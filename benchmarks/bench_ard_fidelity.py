@@ -7,11 +7,11 @@ robust as an adversarially trained (AT) student of the same architecture; (3) fa
 
 Setting: the bundled 8x8 digits (first 1437 for training, the held-out 360 for test; 17 grey levels, so
 L-inf eps = 0.1). Teacher: SmallCNN adversarially trained with PGD-7 (step eps/4). Students: a small MLP
-(64-64-10) trained with the same number of epochs, Adam 2e-3, as (a) natural cross-entropy, (b) KD
-(``ARDStudent(adversarial_mode="clean")``), (c) Madry AT with PGD-10 (step eps/4), (d) ARD with the same
-PGD-10, (e) free ARD, m = 4 (a quarter of the epochs), (f) fast ARD, FGSM with random start. Temperature 30,
-alpha 1 as in the paper. Evaluation: clean and PGD-20 accuracy (step eps/4, random start) on the test split,
-mean and spread over seeds. Training time is relative to KD.
+(64-64-10) trained with the same number of epochs, Adam 2e-3, as (a) natural cross-entropy, (b) Madry AT with
+PGD-10 (step eps/4), and for temperatures 30 (the paper's CIFAR-10 value) and 1: (c) KD
+(``ARDStudent(adversarial_mode="clean")``), (d) ARD with the same PGD-10, (e) free ARD, m = 4 (a quarter of the
+epochs), (f) fast ARD, FGSM with random start; alpha 1 as in the paper. Evaluation: clean and PGD-20 accuracy
+(step eps/4, random start) on the test split, mean and spread over seeds. Training time is relative to KD.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from lightning_robust.models import ARDStudent, Classifier
 from lightning_robust.nets import MLP, SmallCNN
 
 EPS = 0.1
+TEMPERATURES = (30, 1)  # the paper's CIFAR-10 temperature, and plain softmax matching
 
 
 def _student() -> nn.Module:
@@ -54,16 +55,18 @@ def _train_attack() -> PGD:
 
 
 def _student_model(kind: str, teacher: nn.Module, seed: int) -> tuple[pl.LightningModule, float]:
+    """``kind`` is ``natural``, ``at`` or ``<kd|ard|free|fast>@<temperature>``."""
     pl.seed_everything(seed, verbose=False)
     adam = partial(torch.optim.Adam, lr=2e-3)
     if kind == "natural":
         return Classifier(_student(), optimizer=adam), 1.0
     if kind == "at":
         return Classifier(_student(), optimizer=adam, attack=_train_attack()), 1.0
-    mode = {"kd": "clean", "ard": "pgd", "free": "free", "fast": "fast"}[kind]
-    model = ARDStudent(_student(), teacher, attack=_train_attack(), temperature=30.0, alpha=1.0,
+    method, temperature = kind.split("@")
+    mode = {"kd": "clean", "ard": "pgd", "free": "free", "fast": "fast"}[method]
+    model = ARDStudent(_student(), teacher, attack=_train_attack(), temperature=float(temperature), alpha=1.0,
                        adversarial_mode=mode, free_replays=4, optimizer=adam, seed=seed)
-    return model, 0.25 if kind == "free" else 1.0
+    return model, 0.25 if method == "free" else 1.0
 
 
 def _accuracies(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -95,10 +98,12 @@ def run(quick: bool = False) -> str:
     t_clean, t_robust = _accuracies(teacher, x, y)
     rows: list[list[Any]] = [[f"teacher: SmallCNN, PGD-7 AT ({teacher_epochs} epochs)",
                               sum(p.numel() for p in teacher.parameters()), f"{t_clean:.3f}", f"{t_robust:.3f}", "-"]]
-    names = {"natural": "student: natural training", "kd": "student: KD (clean distillation)",
-             "at": "student: AT, PGD-10 (Madry)", "ard": "student: ARD, PGD-10",
-             "free": "student: fast ARD, free m = 4 (1/4 of the epochs)",
-             "fast": "student: fast ARD, FGSM + random start"}
+    names = {"natural": "student: natural training", "at": "student: AT, PGD-10 (Madry)"}
+    for temperature in TEMPERATURES:
+        names.update({f"kd@{temperature}": f"student: KD (clean distillation), T = {temperature}",
+                      f"ard@{temperature}": f"student: ARD, PGD-10, T = {temperature}",
+                      f"free@{temperature}": f"student: fast ARD, free m = 4 (1/4 of the epochs), T = {temperature}",
+                      f"fast@{temperature}": f"student: fast ARD, FGSM + random start, T = {temperature}"})
     times: dict[str, list[float]] = {}
     results: dict[str, tuple[list[float], list[float]]] = {}
     for kind in names:
@@ -110,19 +115,22 @@ def run(quick: bool = False) -> str:
             clean.append(c)
             robust.append(r)
         times[kind], results[kind] = secs, (clean, robust)
-    kd_time = statistics.mean(times["kd"])
+    kd_time = statistics.mean(times[f"kd@{TEMPERATURES[0]}"])
     n_student = sum(p.numel() for p in _student().parameters())
     for kind, name in names.items():
         clean, robust = results[kind]
         rows.append([name, n_student, _fmt(clean), _fmt(robust), f"{statistics.mean(times[kind]) / kd_time:.2f}"])
-    ard, kd, at = (statistics.mean(results[k][1]) for k in ("ard", "kd", "at"))
-    verdict = (f"ARD student PGD-20 accuracy {ard:.3f} vs KD {kd:.3f} (difference {ard - kd:+.3f}) and vs AT "
-               f"{at:.3f} (difference {ard - at:+.3f}).")
+    at = statistics.mean(results["at"][1])
+    verdict = ""
+    for temperature in TEMPERATURES:
+        ard, kd = (statistics.mean(results[f"{k}@{temperature}"][1]) for k in ("ard", "kd"))
+        verdict += (f"T = {temperature}: ARD student PGD-20 accuracy {ard:.3f} vs KD {kd:.3f} (difference "
+                    f"{ard - kd:+.3f}) and vs AT {at:.3f} (difference {ard - at:+.3f}).\n")
     return (
         f"### ARD on the digits (L-inf eps = {EPS}; students {epochs} epochs, {len(seeds)} seed(s); "
         f"{len(y)} test digits; teacher trained in {teacher_time:.0f} s)\n\n"
         + markdown_table(["model", "parameters", "clean acc", "PGD-20 acc", "train time / KD"], rows)
-        + f"\n\n{verdict}\n"
+        + f"\n\n{verdict}"
     )
 
 
