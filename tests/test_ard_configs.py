@@ -22,7 +22,7 @@ def test_digits_config_fast_dev_run_from_a_teacher_checkpoint(tmp_path):
     model = cli.model
     assert type(model.net).__name__ == "MLP" and type(model.teacher).__name__ == "SmallCNN"
     assert all(torch.equal(a, b) for a, b in zip(model.teacher.state_dict().values(), teacher.state_dict().values()))
-    assert (model.temperature, model.alpha, model.distill_mode) == (30.0, 1.0, "pgd")
+    assert (model.temperature, model.alpha, model.distill_mode) == (1.0, 1.0, "pgd")
     assert model.attack.steps == 10 and model.attack.eps == 0.1 and model.attack.alpha == 0.025
     evaluation = next(c for c in cli.trainer.callbacks if type(c).__name__ == "RobustnessEvaluation")
     assert evaluation.attacks["pgd20"].steps == 20
