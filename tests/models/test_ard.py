@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_robust.attacks import FGSM, PGD
+from lightning_robust.callbacks import RobustnessEvaluation
 from lightning_robust.datamodules import DigitsDataModule, load_digits_tensors
 from lightning_robust.models import ARDStudent, Classifier
 from lightning_robust.models.ard import ard_loss, distillation_kl, paper_attack, paper_optimizer, paper_scheduler
@@ -110,10 +111,17 @@ def test_teacher_is_frozen_unregistered_and_its_accuracy_logged_once(tmp_path, t
     model.train()
     assert not teacher.training
     dm = DigitsDataModule(batch_size=64, seed=0)
+    evaluation = RobustnessEvaluation({"pgd20": PGD(eps=0.1, alpha=0.025, steps=20)}, max_batches=2)
     trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=None,
-                       enable_checkpointing=True, logger=pl.loggers.CSVLogger(tmp_path))
+                       enable_checkpointing=True, logger=pl.loggers.CSVLogger(tmp_path), callbacks=[evaluation])
     trainer.fit(model, datamodule=dm)
     assert torch.equal(flat_params(teacher), before)
+    # Clean and PGD-20 accuracy of the *student* come from RobustnessEvaluation, as in the configs.
+    x_val, y_val = next(iter(DataLoader(dm.val_dataset, batch_size=128)))
+    with torch.no_grad():
+        student_clean = float((model.net.eval()(x_val).argmax(1) == y_val).float().mean())
+    assert evaluation.results["clean_acc"] == pytest.approx(student_clean, abs=1e-6)
+    assert evaluation.results["pgd20_acc"] <= evaluation.results["clean_acc"]
     # val/teacher_acc is the teacher's accuracy on the whole validation set, logged in the first epoch only.
     x, y = next(iter(DataLoader(dm.val_dataset, batch_size=10_000)))
     with torch.no_grad():
@@ -218,3 +226,21 @@ def test_ddp_two_processes_identical_students_and_unchanged_teacher(tmp_path):
     assert torch.equal(gathered[0], gathered[1])  # RankGather also asserts it on each rank
     assert not torch.equal(gathered[0, :n_student], initial)  # the student trained
     assert torch.equal(gathered[0, n_student:], flat_params(teacher))  # the teacher did not change
+
+
+@pytest.mark.ddp
+def test_ddp_free_ard_keeps_ranks_identical_and_saves_each_ranks_perturbation(tmp_path):
+    teacher = _teacher()
+    model = ARDStudent(SmallCNN(input_size=8), teacher, attack=PGD(eps=0.1), adversarial_mode="free", free_replays=2,
+                       optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
+    trainer = ddp_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1, enable_checkpointing=True,
+                          callbacks=[RankGather(tmp_path / "params.pt", _student_and_teacher)])
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    gathered = torch.load(tmp_path / "params.pt", weights_only=True)
+    n_student = flat_params(model).numel()
+    assert torch.equal(gathered[0], gathered[1]) and torch.equal(gathered[0, n_student:], flat_params(teacher))
+    ckpt = safe_load(next(tmp_path.rglob("*.ckpt")))
+    # Each rank carries its own perturbation (different data); both are kept for an exact resume.
+    delta = ckpt["adversarial_training"]["free_delta"]
+    assert delta.shape == (2, 32, 1, 8, 8) and not torch.equal(delta[0], delta[1])
+    assert ckpt["global_step"] == 3 * 2 and 0 < ckpt["ard"]["teacher_accuracy"] < 1
