@@ -250,7 +250,10 @@ class ARDStudent(Classifier):
             teacher.to(x.device)
         teacher.eval()
         with torch.no_grad():
-            logits = teacher(x)
+            # The teacher keeps its own dtype (e.g. float32 under precision="bf16-true", which only casts the
+            # registered student): feed it that dtype and hand back logits in the student's.
+            x_in = x.to(first.dtype) if first is not None and x.is_floating_point() else x
+            logits = teacher(x_in).to(x.dtype if x.is_floating_point() else torch.get_default_dtype())
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"teacher outputs logits of shape {tuple(logits.shape)} but the student has "
                              f"{self.num_classes} classes; ARD needs teacher and student to predict the same classes")

@@ -164,6 +164,12 @@ def test_resume_from_a_mid_training_checkpoint_is_exact(tmp_path, mode):
     _trainer(tmp_path / "c", max_epochs=2).fit(resumed, train_dataloaders=_ordered_loader(), ckpt_path=str(ckpt))
     assert torch.equal(flat_params(resumed), flat_params(full))
     assert not torch.equal(flat_params(half), flat_params(full))
+    if mode == "pgd":
+        # Resuming with another teacher is allowed (it is an input) but flagged.
+        other = _resumable(mode)
+        object.__setattr__(other, "_teacher", SmallCNN(input_size=8).eval())
+        with pytest.warns(UserWarning, match="teacher differs"):
+            _trainer(tmp_path / "e", max_epochs=2).fit(other, train_dataloaders=_ordered_loader(), ckpt_path=str(ckpt))
     if mode == "free":
         saved = safe_load(ckpt)
         assert saved["adversarial_training"]["free_delta"].shape == (1, 40, 1, 8, 8)
@@ -244,3 +250,13 @@ def test_ddp_free_ard_keeps_ranks_identical_and_saves_each_ranks_perturbation(tm
     delta = ckpt["adversarial_training"]["free_delta"]
     assert delta.shape == (2, 32, 1, 8, 8) and not torch.equal(delta[0], delta[1])
     assert ckpt["global_step"] == 3 * 2 and 0 < ckpt["ard"]["teacher_accuracy"] < 1
+
+
+def test_teacher_keeps_its_dtype_and_logits_come_back_in_the_students(trained_digits_cnn):
+    teacher = copy.deepcopy(trained_digits_cnn)
+    model = ARDStudent(SmallCNN(input_size=8).to(torch.float64), teacher, adversarial_mode="clean")
+    x = load_digits_tensors(8, 1)[0]
+    logits = model.teacher_logits(x[:8].double())
+    assert logits.dtype == torch.float64 and next(teacher.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        assert torch.allclose(logits, teacher(x[:8]).double())
