@@ -1,5 +1,6 @@
 """LightningModules."""
 
+from lightning_robust.models.ard import ARDStudent
 from lightning_robust.models.classifier import Classifier
 from lightning_robust.models.distilled_gan import DistilledGAN
 from lightning_robust.models.domain_adaptation import NWDomainAdaptation
@@ -10,6 +11,7 @@ from lightning_robust.models.nw_gan import NWGAN
 from lightning_robust.models.text_classifier import TextClassifier
 
 __all__ = [
+    "ARDStudent",
     "Classifier",
     "DistilledGAN",
     "EntropicGAN",

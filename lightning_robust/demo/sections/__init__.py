@@ -9,6 +9,7 @@ from collections.abc import Callable
 from lightning_robust.demo.context import DemoContext
 from lightning_robust.demo.report import Report
 from lightning_robust.demo.sections import (
+    ard,
     attacks,
     certification,
     classifier,
@@ -32,6 +33,7 @@ SECTIONS: list[tuple[str, str, SectionFn]] = [
     ("attacks", "Adversarial attacks and adversarial training", attacks.run),
     ("gan_distillation", "GAN compression by distillation", gan_distillation.run),
     ("normalized_wasserstein", "Normalized Wasserstein: NW-GAN learns mixture proportions", normalized_wasserstein.run),
+    ("ard", "Adversarially Robust Distillation", ard.run),
 ]
 
 __all__ = ["SECTIONS", "SectionFn"]
