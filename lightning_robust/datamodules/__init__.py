@@ -3,7 +3,9 @@
 from lightning_robust.datamodules.base import IndexedDataset, RobustDataModule
 from lightning_robust.datamodules.celeba import CelebADataModule
 from lightning_robust.datamodules.cifar10 import CIFAR10DataModule
+from lightning_robust.datamodules.colored_digits import ColoredDigitsDataModule, colorize_digits
 from lightning_robust.datamodules.digits import DigitsDataModule, load_digits_tensors
+from lightning_robust.datamodules.domain_adaptation import DomainAdaptationDataModule
 from lightning_robust.datamodules.filtered import FilteredDataset
 from lightning_robust.datamodules.gaussian_mixture import GaussianMixtureDataModule, grid_mixture
 from lightning_robust.datamodules.image_datasets import (
@@ -28,9 +30,11 @@ from lightning_robust.datamodules.vision import VisionDataModule
 __all__ = [
     "CIFAR10DataModule",
     "CelebADataModule",
+    "ColoredDigitsDataModule",
     "DataIntegrityError",
     "DatasetNotFoundError",
     "DigitsDataModule",
+    "DomainAdaptationDataModule",
     "FilteredDataset",
     "GaussianMixtureDataModule",
     "IMDBDataModule",
@@ -48,6 +52,7 @@ __all__ = [
     "VisionDataModule",
     "blend_mnist_m",
     "build_mnist_m",
+    "colorize_digits",
     "dataset_labels",
     "grid_mixture",
     "load_digits_tensors",

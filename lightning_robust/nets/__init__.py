@@ -1,7 +1,9 @@
 """Plain ``nn.Module`` networks (no Lightning imports): images in [0, 1], optional normalization layer."""
 
 from lightning_robust.nets.dcgan import DCGANDiscriminator, DCGANGenerator
+from lightning_robust.nets.domain_adaptation import DigitFeatureExtractor, TorchvisionBackbone
 from lightning_robust.nets.dual_critic import DualCritic
+from lightning_robust.nets.linear_generator import LinearGenerator
 from lightning_robust.nets.linear_probe import LinearProbe
 from lightning_robust.nets.mlp import MLP
 from lightning_robust.nets.mlp_generator import MLPGenerator
@@ -54,7 +56,9 @@ for _name, _factory in {
 __all__ = [
     "DCGANDiscriminator",
     "DCGANGenerator",
+    "DigitFeatureExtractor",
     "DualCritic",
+    "LinearGenerator",
     "LinearProbe",
     "MLP",
     "MLPGenerator",
@@ -65,6 +69,7 @@ __all__ = [
     "ResNet18",
     "ResNet32",
     "SmallCNN",
+    "TorchvisionBackbone",
     "TransformerClassifier",
     "WideResNet",
     "WordVectorClassifier",

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DDPStrategy
 
 __all__ = ["RankGather", "ddp_trainer", "flat_params", "run_ddp_script", "single_trainer"]
 
@@ -42,15 +43,28 @@ def _common(tmp_path: Path, **kwargs: Any) -> dict[str, Any]:
     return args
 
 
+class _DestroyProcessGroup(pl.Callback):
+    """Destroy the process group at the very end of the run (the last teardown hook, after ``on_fit_end``).
+
+    Left to interpreter exit, gloo's threads can abort ("terminate called without an active exception",
+    SIGABRT) and turn a finished run into a failed spawn. Nothing collective happens after this point (the
+    launcher hands rank 0's results back through a queue and a file).
+    """
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 def ddp_trainer(tmp_path: Path, find_unused_parameters: bool = False, **kwargs: Any) -> pl.Trainer:
     """A 2-process CPU ``ddp_spawn`` Trainer (gloo backend) with quiet defaults.
 
     ``find_unused_parameters=True`` is needed by modules whose backward passes leave some parameters
     without gradients (GANs' alternating updates under manual optimization).
     """
-    from pytorch_lightning.strategies import DDPStrategy
-
     strategy = DDPStrategy(start_method="spawn", find_unused_parameters=find_unused_parameters)
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), _DestroyProcessGroup()]
     return pl.Trainer(**_common(tmp_path, strategy=strategy, devices=2, num_nodes=1, **kwargs))
 
 

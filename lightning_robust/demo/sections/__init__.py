@@ -9,12 +9,14 @@ from collections.abc import Callable
 from lightning_robust.demo.context import DemoContext
 from lightning_robust.demo.report import Report
 from lightning_robust.demo.sections import (
+    ard,
     attacks,
     certification,
     classifier,
     entropic_gan,
     gan_distillation,
     interpretation,
+    normalized_wasserstein,
     poison_filter,
     text_spgd,
 )
@@ -30,6 +32,8 @@ SECTIONS: list[tuple[str, str, SectionFn]] = [
     ("poison_filter", "Deep k-NN poison filter", poison_filter.run),
     ("attacks", "Adversarial attacks and adversarial training", attacks.run),
     ("gan_distillation", "GAN compression by distillation", gan_distillation.run),
+    ("normalized_wasserstein", "Normalized Wasserstein: NW-GAN learns mixture proportions", normalized_wasserstein.run),
+    ("ard", "Adversarially Robust Distillation", ard.run),
 ]
 
 __all__ = ["SECTIONS", "SectionFn"]

@@ -1,0 +1,127 @@
+"""Speed of the Normalized-Wasserstein parts, as ratios measured side by side in one run.
+
+1. NW-GAN training (Lightning, manual optimisation, K components) against a plain PyTorch loop doing the
+   same work (same nets, batch size, one critic step per batch, weight clipping, a generator + π step every
+   5th batch): the framework's overhead.
+2. Entropic NW between empirical measures (:func:`~lightning_robust.ot.normalized_wasserstein_sinkhorn`)
+   with ``π`` fixed, against POT's ``ot.sinkhorn2`` on the same cost and regularisation; and with ``π``
+   optimised (the NW distance proper), against the same POT baseline.
+
+Run: ``python -m benchmarks nw_speed [--quick] [--update]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import warnings
+
+import pytorch_lightning as pl
+import torch
+
+from benchmarks.common import markdown_table, matmul_gflops, timeit
+from lightning_robust.datamodules import GaussianMixtureDataModule
+from lightning_robust.models import NWGAN
+from lightning_robust.nets import MLP, LinearGenerator
+from lightning_robust.ot import normalized_wasserstein_sinkhorn
+
+K, LATENT, N_CRITIC, CLIP = 9, 2, 5, 0.01
+
+
+def _plain(components: torch.nn.ModuleList, critic: torch.nn.Module, loader: torch.utils.data.DataLoader,
+           epochs: int) -> None:
+    """The same NW-GAN schedule written directly: RMSprop, 5 critic steps per generator + π step, clipping."""
+    logits = torch.zeros(K, requires_grad=True)
+    opt_g = torch.optim.RMSprop([{"params": components.parameters()}, {"params": [logits], "lr": 5e-2}], lr=2e-3)
+    opt_d = torch.optim.RMSprop(critic.parameters(), lr=2e-3)
+    step = 0
+    for _ in range(epochs):
+        for (x,) in loader:
+            z = torch.randn(x.shape[0], LATENT)
+            with torch.no_grad():
+                fake = torch.stack([g(z) for g in components])
+            scores = critic(fake.flatten(0, 1)).view(K, -1).mean(1)
+            loss = -(critic(x).mean() - (torch.softmax(logits, 0).detach() * scores).sum())
+            opt_d.zero_grad()
+            loss.backward()
+            opt_d.step()
+            with torch.no_grad():
+                for p in critic.parameters():
+                    p.clamp_(-CLIP, CLIP)
+            if step % N_CRITIC == 0:  # as the GAN base: one critic step per batch, a generator step every 5th
+                z = torch.randn(x.shape[0], LATENT)
+                fake = torch.stack([g(z) for g in components])
+                scores = critic(fake.flatten(0, 1)).view(K, -1).mean(1)
+                loss = -(torch.softmax(logits, 0) * scores).sum()
+                opt_g.zero_grad()
+                loss.backward()
+                opt_g.step()
+            step += 1
+
+
+def _lightning(components: torch.nn.ModuleList, critic: torch.nn.Module, dm: GaussianMixtureDataModule,
+               epochs: int) -> None:
+    rms = functools.partial(torch.optim.RMSprop, lr=2e-3)
+    gan = NWGAN(components[0], critic, num_components=K, latent_dim=LATENT, proportions_lr=5e-2, loss="wgan-clip",
+                n_critic=N_CRITIC, reinitialise_components=False, generator_optimizer=rms,
+                discriminator_optimizer=rms)
+    gan.generator.load_state_dict(components.state_dict())
+    pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(gan, datamodule=dm)
+
+
+def run(quick: bool = False) -> str:
+    import numpy as np
+    import ot as pot
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    n_train, epochs, repeat = (2048, 1, 2) if quick else (8192, 2, 3)
+    dm = GaussianMixtureDataModule(grid_size=3, std=0.2, n_train=n_train, n_test=0, val_fraction=0.0, batch_size=256)
+    dm.setup()
+    loader = dm.train_dataloader()
+    plain_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(dm.train_dataset.dataset.tensors[0]), batch_size=256)  # type: ignore[union-attr]
+    torch.manual_seed(0)
+    comps = torch.nn.ModuleList(LinearGenerator(hidden=()) for _ in range(K))
+    critic = MLP(2, 1, hidden=(64, 64))
+    del loader
+    t_plain = timeit(lambda: _plain(copy.deepcopy(comps), copy.deepcopy(critic), plain_loader, epochs), repeat=repeat)
+    t_pl = timeit(lambda: _lightning(copy.deepcopy(comps), copy.deepcopy(critic), dm, epochs), repeat=repeat)
+    batches = epochs * len(plain_loader)
+    gan_rows = [["plain PyTorch loop", t_plain, 1.0], ["NWGAN + Trainer", t_pl, t_pl / t_plain]]
+
+    g = torch.Generator().manual_seed(0)
+    sink_rows = []
+    for n in ((300,) if quick else (300, 1000)):
+        x = torch.randn(n, 2, generator=g, dtype=torch.float64)
+        comps_x = [torch.randn(n // 3, 2, generator=g, dtype=torch.float64) + 3 * k for k in range(3)]
+        support = torch.cat(comps_x)
+        cost = torch.cdist(x, support)
+        reg = 0.02 * float(cost.mean())
+        b = np.full(len(support), 1 / len(support))
+        a = np.full(n, 1 / n)
+        c = cost.numpy()
+        t_pot = timeit(functools.partial(pot.sinkhorn2, a, b, c, reg, numItermax=2000, stopThr=1e-6), repeat=repeat)
+        t_fixed = timeit(functools.partial(normalized_wasserstein_sinkhorn, x, comps_x, proportions=[1 / 3] * 3,
+                                           reg=0.02, max_iter=2000, tol=1e-6), repeat=repeat)
+        t_nw = timeit(functools.partial(normalized_wasserstein_sinkhorn, x, comps_x, reg=0.02, max_iter=2000,
+                                        tol=1e-6), repeat=repeat)
+        sink_rows += [[n, "POT ot.sinkhorn2 (fixed π)", t_pot, 1.0],
+                      [n, "ours, fixed π", t_fixed, t_fixed / t_pot],
+                      [n, "ours, π optimised (NW)", t_nw, t_nw / t_pot]]
+    gflops = matmul_gflops(512 if quick else 1024)
+    return (
+        f"### NW-GAN training overhead ({K} affine components, critic MLP 64-64, {batches} batches of 256, "
+        f"{N_CRITIC} critic steps per generator step)\n\n"
+        + markdown_table(["loop", "fit seconds (median)", "ratio to plain loop"], gan_rows)
+        + "\n\n### Entropic NW against POT's Sinkhorn (float64, reg 0.02 x mean cost, tol 1e-6)\n\n"
+        + markdown_table(["n", "solver", "seconds (median)", "ratio to POT"], sink_rows)
+        + f"\n\nThis machine's float32 matmul rate: {gflops:.1f} GFLOP/s."
+    )
+
+
+if __name__ == "__main__":
+    print(run(quick=True))

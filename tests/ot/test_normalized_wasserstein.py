@@ -1,0 +1,209 @@
+"""Normalized Wasserstein: the dual against closed forms and POT, the primal solver against an LP, π on the simplex."""
+
+import numpy as np
+import ot as pot
+import pytest
+import torch
+from scipy.optimize import linprog
+from torch import nn
+
+from lightning_robust.ot import (
+    MixtureProportions,
+    class_mixture_weights,
+    estimate_normalized_wasserstein,
+    mixture_expectation,
+    normalized_wasserstein,
+    normalized_wasserstein_sinkhorn,
+    sample_mixture,
+)
+
+MEANS = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These problems are tiny: intra-op threads only add synchronisation (badly so on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _components(m: int, g: torch.Generator, std: float = 0.3) -> list[torch.Tensor]:
+    return [mu + std * torch.randn(m, 2, generator=g) for mu in MEANS]
+
+
+def _critic() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def test_nw_at_true_proportions_is_the_plain_wasserstein_dual():
+    # Components sampled in exact proportion (50/30/20): Σ_k π_k mean_k f is the mean over the pooled sample,
+    # so the NW objective with π fixed to the truth is the plain dual E_X f - E_mixture f, for any critic.
+    g = torch.Generator().manual_seed(0)
+    pi = torch.tensor([0.5, 0.3, 0.2])
+    comps = [mu + 0.3 * torch.randn(n, 2, generator=g) for mu, n in zip(MEANS, (50, 30, 20))]
+    target = torch.randn(40, 2, generator=g) * 2
+    critic = _critic()
+    pooled = torch.cat(comps)
+    plain = critic(target).mean() - critic(pooled).mean()
+    nw_list = normalized_wasserstein(critic(target), [critic(c) for c in comps], pi)
+    labels = torch.cat([torch.full((len(c),), k) for k, c in enumerate(comps)])
+    nw_labels = normalized_wasserstein(critic(target), critic(pooled), pi, labels=labels)
+    assert torch.allclose(nw_list, plain, atol=1e-6) and torch.allclose(nw_labels, plain, atol=1e-6)
+
+
+def _optimal_critic_1d(x: np.ndarray, y: np.ndarray):
+    """The 1-Lipschitz f maximising E_x f - E_y f in 1-D: f' = sign(F_y - F_x) (exact on the sample points)."""
+    grid = np.unique(np.concatenate([x, y]))
+    fx = np.searchsorted(np.sort(x), grid, side="right") / len(x)
+    fy = np.searchsorted(np.sort(y), grid, side="right") / len(y)
+    slope = np.sign(fy - fx)[:-1]
+    values = np.concatenate([[0.0], np.cumsum(slope * np.diff(grid))])
+    return lambda t: torch.as_tensor(np.interp(t.numpy().ravel(), grid, values), dtype=torch.float64)
+
+
+def test_nw_dual_at_the_optimal_critic_equals_pot_wasserstein_1d():
+    g = torch.Generator().manual_seed(3)
+    counts = (60, 30, 10)
+    comps = [mu + 0.4 * torch.randn(n, generator=g, dtype=torch.float64) for mu, n in zip((0.0, 2.0, 5.0), counts)]
+    pi = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    target = torch.cat([torch.randn(70, generator=g, dtype=torch.float64) * 0.5 + 1.0,
+                        torch.randn(30, generator=g, dtype=torch.float64) + 4.0])
+    pooled = torch.cat(comps)
+    f = _optimal_critic_1d(target.numpy(), pooled.numpy())
+    nw = normalized_wasserstein(f(target), [f(c) for c in comps], pi)
+    w1 = pot.emd2_1d(target.numpy(), pooled.numpy(), metric="euclidean")
+    assert float(nw) == pytest.approx(w1, rel=1e-9, abs=1e-9)
+
+
+def test_mixture_weights_match_stratified_means_and_renormalise_absent_classes():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 2, 2, 2, 0, 2])  # class 1 absent
+    values = torch.randn(7, generator=g)
+    pi = torch.tensor([0.2, 0.5, 0.3])
+    w = class_mixture_weights(labels, pi)
+    expected = (0.2 * values[labels == 0].mean() + 0.3 * values[labels == 2].mean()) / 0.5
+    assert torch.allclose((w * values).sum(), expected) and torch.allclose(w.sum(), torch.tensor(1.0))
+    assert torch.allclose(mixture_expectation(values, pi, labels), expected)
+
+
+def test_sample_mixture_frequencies_follow_proportions():
+    g = torch.Generator().manual_seed(0)
+    comp_samples = torch.arange(3.0)[:, None, None].expand(3, 20000, 1)  # component k's samples are all k
+    pi = torch.tensor([0.6, 0.3, 0.1])
+    samples, comp = sample_mixture(comp_samples, pi, generator=g)
+    freq = torch.bincount(comp, minlength=3).double() / comp.numel()
+    assert torch.equal(samples[:, 0], comp.float())
+    assert torch.allclose(freq, pi.double(), atol=0.015)  # ~4.5 standard errors at n = 20000
+
+
+def test_proportions_stay_on_the_simplex_under_any_updates():
+    pi = MixtureProportions(4, [0.7, 0.1, 0.2, 0.0])
+    assert torch.allclose(pi.proportions, torch.tensor([0.7, 0.1, 0.2, 0.0]), atol=1e-6)
+    opt = torch.optim.SGD(pi.parameters(), lr=50.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        loss = (pi() * torch.randn(4, generator=g) * 100).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        p = pi.proportions
+        assert (p >= 0).all() and float(p.sum()) == pytest.approx(1.0, abs=1e-6)
+    fixed = MixtureProportions(3, learnable=False)
+    assert list(fixed.parameters()) == [] and torch.allclose(fixed(), torch.full((3,), 1 / 3))
+
+
+def _lp_nw(x: torch.Tensor, comps: list[torch.Tensor]) -> tuple[float, np.ndarray]:
+    """Exact min_π W1(x, Σ π_k U(comp_k)) by linear programming over (plan, π)."""
+    support = torch.cat(comps)
+    lab = np.concatenate([[k] * len(c) for k, c in enumerate(comps)])
+    cost = torch.cdist(x.double(), support.double()).numpy()
+    n, m, k = len(x), len(support), len(comps)
+    a_eq, b_eq = [], []
+    for i in range(n):
+        row = np.zeros(n * m + k)
+        row[i * m:(i + 1) * m] = 1
+        a_eq.append(row)
+        b_eq.append(1 / n)
+    sizes = np.bincount(lab)
+    for j in range(m):
+        row = np.zeros(n * m + k)
+        row[j:n * m:m] = 1
+        row[n * m + lab[j]] = -1 / sizes[lab[j]]
+        a_eq.append(row)
+        b_eq.append(0.0)
+    res = linprog(np.concatenate([cost.ravel(), np.zeros(k)]), A_eq=np.array(a_eq), b_eq=np.array(b_eq),
+                  bounds=(0, None), method="highs")
+    return float(res.fun), res.x[-k:]
+
+
+def test_sinkhorn_nw_matches_linear_program_and_pot():
+    g = torch.Generator().manual_seed(0)
+    comps = _components(25, g)
+    true_pi = torch.tensor([0.6, 0.3, 0.1])
+    x = torch.cat([mu + 0.3 * torch.randn(round(40 * p), 2, generator=g) for mu, p in zip(MEANS, true_pi.tolist())])
+    lp_value, lp_pi = _lp_nw(x, comps)
+    res = normalized_wasserstein_sinkhorn(x, comps, reg=0.005, max_iter=5000, tol=1e-9)
+    assert torch.allclose(res.proportions, torch.as_tensor(lp_pi), atol=1e-3)
+    assert float(res.value) == pytest.approx(lp_value, rel=0.03)
+    assert float(res.plan.sum()) == pytest.approx(1.0, abs=1e-6)
+    # π fixed: plain entropic OT to that mixture, i.e. POT's Sinkhorn plan.
+    fixed = normalized_wasserstein_sinkhorn(x, comps, proportions=true_pi, reg=0.05, max_iter=5000, tol=1e-10)
+    support = torch.cat(comps)
+    cost = torch.cdist(x.double(), support.double()).numpy()
+    b = np.repeat(true_pi.double().numpy() / 25, 25)
+    plan = pot.sinkhorn(np.full(len(x), 1 / len(x)), b, cost, 0.05 * cost.mean(), numItermax=20000, stopThr=1e-12)
+    assert float(fixed.value) == pytest.approx(float((plan * cost).sum()), rel=1e-6)
+    # Optimising π can only lower the cost, and here it recovers the target's proportions.
+    assert float(res.value) < float(normalized_wasserstein_sinkhorn(x, comps, proportions=[1 / 3] * 3, reg=0.005,
+                                                                    max_iter=5000).value)
+
+
+def test_nw_is_small_where_w_is_large_for_reweighted_mixtures():
+    g = torch.Generator().manual_seed(1)
+    comps = _components(60, g)
+    pi_x, pi_y = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.1, 0.2, 0.7])
+    x = torch.cat([mu + 0.3 * torch.randn(round(100 * p), 2, generator=g) for mu, p in zip(MEANS, pi_x.tolist())])
+    y = torch.cat([mu + 0.3 * torch.randn(round(100 * p), 2, generator=g) for mu, p in zip(MEANS, pi_y.tolist())])
+    w = pot.emd2(np.full(100, 0.01), np.full(100, 0.01), torch.cdist(x, y).double().numpy())
+    nw = normalized_wasserstein_sinkhorn(x, comps).value + normalized_wasserstein_sinkhorn(y, comps).value
+    assert w > 1.5 and float(nw) < 0.25 * w
+
+
+@pytest.mark.slow
+def test_adversarial_estimate_recovers_proportions():
+    g = torch.Generator().manual_seed(2)
+    comps = _components(500, g, std=0.2)
+    pi_true = torch.tensor([0.6, 0.3, 0.1])
+    idx = torch.multinomial(pi_true, 1000, replacement=True, generator=g)
+    x = MEANS[idx] + 0.2 * torch.randn(1000, 2, generator=g)
+    nw = estimate_normalized_wasserstein(x, comps, steps=600, batch_size=128, proportions_lr=5e-2, seed=0)
+    w = estimate_normalized_wasserstein(x, comps, learn_proportions=False, steps=600, batch_size=128, seed=0)
+    assert torch.allclose(nw.proportions, pi_true, atol=0.1)
+    assert nw.value < 0.5 * w.value
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="num_components must be a positive integer, got 0"):
+        MixtureProportions(0)
+    with pytest.raises(ValueError, match="proportions must be non-negative"):
+        MixtureProportions(2, [1.2, -0.2])
+    with pytest.raises(ValueError, match="proportions must sum to one"):
+        MixtureProportions(2, [0.5, 0.6])
+    with pytest.raises(ValueError, match="proportions must have num_components = 3 entries, got 2"):
+        MixtureProportions(3, [0.5, 0.5])
+    with pytest.raises(ValueError, match="proportions has 2 entries but there are 3 components"):
+        normalized_wasserstein(torch.zeros(4), torch.zeros(3, 5), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.1"):
+        class_mixture_weights(torch.tensor([0, 2]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="one score per target sample"):
+        normalized_wasserstein(torch.zeros(4, 2), torch.zeros(2, 5), torch.tensor([0.5, 0.5]))
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"x has samples of shape \(3,\) but the components have \(2,\)"):
+        normalized_wasserstein_sinkhorn(torch.zeros(5, 3), _components(4, g))
+    with pytest.raises(ValueError, match=r"components\[1\] has samples of shape \(3,\), target has \(2,\)"):
+        estimate_normalized_wasserstein(torch.zeros(5, 2), [torch.zeros(4, 2), torch.zeros(4, 3)], steps=1)
+    with pytest.raises(ValueError, match="components must hold at least one sample set"):
+        normalized_wasserstein_sinkhorn(torch.zeros(5, 2), [])
