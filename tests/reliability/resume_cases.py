@@ -15,9 +15,33 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_robust.datamodules import DigitsDataModule, GaussianMixtureDataModule
-from lightning_robust.models import GAN, Classifier, EntropicGAN, InterpretationRegularizedClassifier
-from lightning_robust.nets import MLP, DualCritic, MLPGenerator, SmallCNN
+from lightning_robust.attacks import PGD
+from lightning_robust.callbacks import DeepKNNPoisonFilter
+from lightning_robust.datamodules import (
+    ColoredDigitsDataModule,
+    DigitsDataModule,
+    DomainAdaptationDataModule,
+    GaussianMixtureDataModule,
+)
+from lightning_robust.models import (
+    GAN,
+    NWGAN,
+    ARDStudent,
+    Classifier,
+    DistilledGAN,
+    EntropicGAN,
+    InterpretationRegularizedClassifier,
+    NWDomainAdaptation,
+)
+from lightning_robust.nets import (
+    MLP,
+    DCGANGenerator,
+    DigitFeatureExtractor,
+    DualCritic,
+    LinearGenerator,
+    MLPGenerator,
+    SmallCNN,
+)
 
 EPOCHS = 4
 TRAINER_KW: dict[str, Any] = dict(limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0)
@@ -97,6 +121,65 @@ def entropic_gan() -> tuple:
                         discriminator_optimizer=partial(torch.optim.Adam, lr=1e-3)), _mixture(), [])
 
 
+def classifier_pgd_training() -> tuple:
+    # PGD's random start draws from the global RNG: exactness needs RNGStateCheckpoint.
+    return Classifier(MLP(64, 10, hidden=(32,)), optimizer=_sgd, attack=PGD(eps=0.1, alpha=0.05, steps=2)), \
+        _digits(), []
+
+
+def classifier_free_training() -> tuple:
+    # Free adversarial training carries a perturbation across minibatches; it must be in the checkpoint.
+    return (Classifier(MLP(64, 10, hidden=(32,)), optimizer=_sgd, attack=PGD(eps=0.1), adversarial_mode="free",
+                       free_replays=2), _digits(), [])
+
+
+def _teacher() -> nn.Module:
+    torch.manual_seed(7)
+    return MLP(64, 10, hidden=(16,))
+
+
+def ard_student_free() -> tuple:
+    return (ARDStudent(MLP(64, 10, hidden=(16,)), _teacher(), attack=PGD(eps=0.1), adversarial_mode="free",
+                       free_replays=2, temperature=5.0, alpha=0.7, optimizer=_sgd), _digits(), [])
+
+
+def distilled_gan_joint() -> tuple:
+    torch.manual_seed(3)
+    teacher = DCGANGenerator(image_size=8, channels=1, latent_dim=8, d=4, dcgan_init=False)
+    student = DCGANGenerator(image_size=8, channels=1, latent_dim=8, d=1)
+    critic = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 1))
+    dm = DigitsDataModule(image_size=8, batch_size=32, val_fraction=0.0, seed=0)
+    return DistilledGAN(teacher, student, critic, alpha=0.3, mode="joint", loss="wgan-gp", n_critic=2), dm, []
+
+
+def nw_gan() -> tuple:
+    opt = partial(torch.optim.RMSprop, lr=2e-3)
+    gan = NWGAN(LinearGenerator(hidden=()), MLP(2, 1, hidden=(16,)), num_components=3, latent_dim=2,
+                loss="wgan-clip", n_critic=2, proportions_lr=5e-2, generator_optimizer=opt,
+                discriminator_optimizer=opt)
+    return gan, _mixture(), []
+
+
+def nw_domain_adaptation() -> tuple:
+    # The feature extractor's dropout draws from the global RNG.
+    f = DigitFeatureExtractor(image_size=16, dropout=0.2)
+    opt = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.999))
+    model = NWDomainAdaptation(f, MLP(f.out_features, 3, (16,)), MLP(f.out_features, 1, (16,)), method="nw",
+                               adversarial_every=2, optimizer=opt, critic_optimizer=opt)
+    src = ColoredDigitsDataModule(colored=False, half=0, classes=[1, 4, 8], class_proportions=[0.6, 0.3, 0.1],
+                                  batch_size=32)
+    tgt = ColoredDigitsDataModule(colored=True, half=1, classes=[1, 4, 8], class_proportions=[0.1, 0.3, 0.6],
+                                  batch_size=32)
+    return model, DomainAdaptationDataModule(src, tgt), []
+
+
+def poison_filter_callback() -> tuple:
+    # The filter's decision (removed indices) and the DataModule's exclusion are checkpointed state.
+    dm = DigitsDataModule(batch_size=32, seed=1, with_index=True)
+    filt = DeepKNNPoisonFilter(k=10, layer="net.layers.1", filter_epoch=1)
+    return Classifier(MLP(64, 10, hidden=(32,)), optimizer=_sgd), dm, [filt]
+
+
 CASES: dict[str, Case] = {
     "Classifier": classifier,
     "Classifier(dropout net)": classifier_dropout,
@@ -104,4 +187,11 @@ CASES: dict[str, Case] = {
     "InterpretationRegularizedClassifier": interpretation_regularized,
     "GAN(wgan-gp, ema)": gan_wgan_gp_ema,
     "EntropicGAN": entropic_gan,
+    "Classifier(attack=PGD)": classifier_pgd_training,
+    "Classifier(adversarial_mode=free)": classifier_free_training,
+    "ARDStudent(adversarial_mode=free)": ard_student_free,
+    "DistilledGAN(joint)": distilled_gan_joint,
+    "NWGAN": nw_gan,
+    "NWDomainAdaptation(nw, dropout)": nw_domain_adaptation,
+    "Classifier+DeepKNNPoisonFilter": poison_filter_callback,
 }
