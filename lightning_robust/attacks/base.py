@@ -90,7 +90,7 @@ class Attack(ABC):
         self.loss = check_choice("loss", loss, LOSSES)
         self.targeted = bool(targeted)
         self.model_mode = check_choice("model_mode", model_mode, MODEL_MODES)
-        if not isinstance(kappa, (int, float)) or isinstance(kappa, bool) or kappa <= 0:
+        if not isinstance(kappa, (int, float)) or isinstance(kappa, bool) or not kappa > 0:
             raise ValueError(f"kappa must be a positive number or inf, got {kappa!r}")
         self.kappa = float(kappa)
 

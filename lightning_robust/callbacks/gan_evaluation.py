@@ -15,7 +15,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from lightning_robust.metrics.image_quality import ClassifierFeatures, PrecomputedFeatures
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.checkpoint import load_module
-from lightning_robust.utils.validation import check_choice, check_positive_int
+from lightning_robust.utils.validation import check_choice, check_positive_int, check_seed
 
 __all__ = ["GANEvaluation"]
 
@@ -96,6 +96,7 @@ class GANEvaluation(pl.Callback):
         seed: int = 0,
         prefix: str = "val",
     ) -> None:
+        check_seed("seed", seed)
         super().__init__()
         check_choice("real_split", real_split, ("val", "train", "test"))
         for name, value in (("kid_subsets", kid_subsets), ("kid_subset_size", kid_subset_size),

@@ -11,7 +11,7 @@ import torch
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.image_logging import log_image
 from lightning_robust.utils.plotting import histogram
-from lightning_robust.utils.validation import check_choice, check_positive_int
+from lightning_robust.utils.validation import check_choice, check_positive_int, check_seed
 
 __all__ = ["OOD_KINDS", "LikelihoodHistogram", "make_ood", "rank_auroc"]
 
@@ -95,6 +95,7 @@ class LikelihoodHistogram(pl.Callback):
     def __init__(self, method: str = "log_likelihood", output_key: str = "log_likelihood",
                  ood: Sequence[str] = ("uniform", "shuffled"), max_samples: int = 1024, bins: int = 40,
                  every_n_epochs: int = 1, tag: str = "likelihood", seed: int = 0) -> None:
+        check_seed("seed", seed)
         for i, kind in enumerate(ood):
             check_choice(f"ood[{i}]", kind, OOD_KINDS)
         check_positive_int("max_samples", max_samples)

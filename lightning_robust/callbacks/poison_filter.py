@@ -34,6 +34,7 @@ from lightning_robust.utils.validation import (
     check_fraction,
     check_positive,
     check_positive_int,
+    check_seed,
 )
 
 __all__ = ["FILTER_METHODS", "DeepKNNPoisonFilter"]
@@ -119,6 +120,7 @@ class DeepKNNPoisonFilter(pl.Callback):
         output_file: str | None = None,
         seed: int = 0,
     ) -> None:
+        check_seed("seed", seed)
         super().__init__()
         if k is not None:
             check_positive_int("k", k)

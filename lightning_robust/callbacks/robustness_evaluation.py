@@ -14,7 +14,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from lightning_robust.attacks import Attack, model_mode
 from lightning_robust.metrics import RobustAccuracy
 from lightning_robust.utils.batch import split_batch
-from lightning_robust.utils.validation import check_fraction, check_positive_int
+from lightning_robust.utils.validation import check_fraction, check_positive_int, check_seed
 
 __all__ = ["RobustnessEvaluation"]
 
@@ -63,6 +63,7 @@ class RobustnessEvaluation(pl.Callback):
         zero_grad_tolerance: float = 0.1,
         seed: int = 0,
     ) -> None:
+        check_seed("seed", seed)
         if not isinstance(attacks, Mapping) or not attacks:
             raise ValueError(f"attacks must be a non-empty mapping of name -> Attack, got {attacks!r}")
         for name, attack in attacks.items():

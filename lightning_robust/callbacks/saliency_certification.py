@@ -23,6 +23,7 @@ from lightning_robust.utils.validation import (
     check_non_negative,
     check_positive,
     check_positive_int,
+    check_seed,
 )
 
 __all__ = ["SaliencyCertification"]
@@ -84,6 +85,7 @@ class SaliencyCertification(pl.Callback):
         seed: int = 0,
         model_attr: str | None = None,
     ) -> None:
+        check_seed("seed", seed)
         radii = [float(r) for r in radii]
         if not radii:
             raise ValueError("radii must list at least one L2 radius")

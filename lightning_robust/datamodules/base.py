@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from lightning_robust.utils.validation import check_fraction, check_non_negative, check_positive_int
+from lightning_robust.utils.validation import check_fraction, check_non_negative, check_positive_int, check_seed
 
 __all__ = ["EpochShuffleSampler", "IndexedDataset", "RobustDataModule"]
 
@@ -105,6 +105,7 @@ class RobustDataModule(pl.LightningDataModule):
         with_index: bool = False,
         drop_last: bool = False,
     ) -> None:
+        check_seed("seed", seed)
         super().__init__()
         check_positive_int("batch_size", batch_size)
         if eval_batch_size is not None:

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, TensorDataset
 from lightning_robust.datamodules.base import RobustDataModule
 from lightning_robust.datamodules.digits import load_digits_tensors
 from lightning_robust.datamodules.image_datasets import proportional_subsample
-from lightning_robust.utils.validation import check_choice, check_fraction, check_probability_vector
+from lightning_robust.utils.validation import check_choice, check_fraction, check_probability_vector, check_seed
 
 __all__ = ["ColoredDigitsDataModule", "colorize_digits"]
 
@@ -103,6 +103,8 @@ class ColoredDigitsDataModule(RobustDataModule):
         with_index: bool = False,
         drop_last: bool = False,
     ) -> None:
+        check_seed("color_seed", color_seed)
+        check_seed("proportions_seed", proportions_seed)
         super().__init__(batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory,
                          val_fraction, seed, with_index, drop_last)
         check_choice("image_size", image_size, (8, 16, 28, 32))

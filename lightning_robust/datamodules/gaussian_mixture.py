@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from lightning_robust.datamodules.base import RobustDataModule
-from lightning_robust.utils.validation import check_positive, check_positive_int, check_probability_vector
+from lightning_robust.utils.validation import check_positive, check_positive_int, check_probability_vector, check_seed
 
 __all__ = ["GaussianMixtureDataModule", "grid_mixture"]
 
@@ -65,6 +65,7 @@ class GaussianMixtureDataModule(RobustDataModule):
         with_index: bool = False,
         drop_last: bool = False,
     ) -> None:
+        check_seed("data_seed", data_seed)
         super().__init__(batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory,
                          val_fraction, seed, with_index, drop_last)
         self.centers = grid_mixture(grid_size, spacing)

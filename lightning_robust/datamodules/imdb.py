@@ -239,7 +239,9 @@ class PadCollate:
     """
 
     def __init__(self, pad_id: int = 0) -> None:
-        self.pad_id = int(pad_id)
+        if not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0:
+            raise ValueError(f"pad_id must be a non-negative token id, got {pad_id!r}")
+        self.pad_id = pad_id
 
     def __call__(self, items: Sequence[tuple[Any, ...]]) -> dict[str, torch.Tensor]:
         lengths = [len(it[0]) for it in items]

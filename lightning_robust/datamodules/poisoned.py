@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from lightning_robust.attacks.poisons import LayerFeatures, PoisonAttack, nearest_to_target
 from lightning_robust.datamodules.base import RobustDataModule
 from lightning_robust.utils.checkpoint import load_module, safe_load
-from lightning_robust.utils.validation import check_choice, check_non_negative, check_positive_int
+from lightning_robust.utils.validation import check_choice, check_non_negative, check_positive_int, check_seed
 
 __all__ = ["PoisonSwapDataset", "PoisonedDataModule", "dataset_labels"]
 
@@ -124,6 +124,7 @@ class PoisonedDataModule(RobustDataModule):
         examples_per_class: int | None = None,
         seed: int = 0,
     ) -> None:
+        check_seed("seed", seed)
         if not isinstance(datamodule, RobustDataModule):
             raise TypeError(f"datamodule must be a RobustDataModule, got {type(datamodule).__name__}")
         super().__init__(datamodule.batch_size, datamodule.eval_batch_size, datamodule.num_workers,

@@ -22,7 +22,7 @@ from lightning_robust.datamodules.integrity import (
     normalize_path,
     verify_checksums,
 )
-from lightning_robust.utils.validation import check_choice, check_positive_int, check_probability_vector
+from lightning_robust.utils.validation import check_choice, check_positive_int, check_probability_vector, check_seed
 
 __all__ = ["VisionDataModule"]
 
@@ -82,6 +82,7 @@ class VisionDataModule(RobustDataModule):
         with_index: bool,
         drop_last: bool,
     ) -> None:
+        check_seed("proportions_seed", proportions_seed)
         super().__init__(batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory,
                          val_fraction, seed, with_index, drop_last)
         if not isinstance(root, (str, Path)) or not str(root):

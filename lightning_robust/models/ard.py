@@ -52,7 +52,7 @@ from lightning_robust.models import adversarial_training as adv
 from lightning_robust.models.classifier import Classifier, _num_classes_of
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.checkpoint import load_module
-from lightning_robust.utils.validation import check_choice, check_fraction, check_positive
+from lightning_robust.utils.validation import check_choice, check_fraction, check_positive, check_seed
 
 __all__ = ["ARD_MODES", "ARDStudent", "KL_REDUCTIONS", "ard_loss", "distillation_kl", "paper_attack",
            "paper_optimizer", "paper_scheduler", "teacher_fingerprint"]
@@ -185,6 +185,7 @@ class ARDStudent(Classifier):
         scheduler_interval: str = "epoch",
         seed: int = 0,
     ) -> None:
+        check_seed("seed", seed)
         check_choice("adversarial_mode", adversarial_mode, ARD_MODES)
         check_positive("temperature", temperature)
         check_fraction("alpha", alpha, inclusive_high=True)

@@ -38,6 +38,7 @@ from lightning_robust.utils.validation import (
     check_non_negative,
     check_positive,
     check_positive_int,
+    check_seed,
 )
 
 __all__ = ["DA_METHODS", "NWDomainAdaptation"]
@@ -151,6 +152,7 @@ class NWDomainAdaptation(pl.LightningModule):
         proportions_optimizer: OptimizerCallable = _default_proportions_optimizer,
         seed: int = 0,
     ) -> None:
+        check_seed("seed", seed)
         super().__init__()
         check_choice("method", method, DA_METHODS)
         for name, mod in (("feature_extractor", feature_extractor), ("classifier", classifier)):

@@ -37,6 +37,7 @@ from lightning_robust.utils.validation import (
     check_non_negative,
     check_positive,
     check_positive_int,
+    check_seed,
 )
 
 __all__ = ["GAN", "GAN_LOSSES", "default_gan_optimizer", "discriminator_loss", "generator_loss", "gradient_penalty"]
@@ -161,6 +162,7 @@ class GAN(pl.LightningModule):
         n_fixed_latents: int = 64,
         seed: int = 0,
     ) -> None:
+        check_seed("seed", seed)
         super().__init__()
         if not isinstance(generator, nn.Module):
             raise TypeError(f"generator must be an nn.Module, got {type(generator).__name__}")

@@ -27,7 +27,7 @@ from lightning_robust.ot.normalized_wasserstein import (
     normalized_wasserstein,
     sample_mixture,
 )
-from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int
+from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int, check_seed
 
 __all__ = ["NWGAN", "allocate_components"]
 
@@ -137,6 +137,7 @@ class NWGAN(GAN):
         if not isinstance(generator, nn.Module):
             raise TypeError(f"generator must be an nn.Module, got {type(generator).__name__}")
         check_positive_int("num_components", num_components)
+        check_seed("seed", seed)
         if loss not in ("wgan-gp", "wgan-clip"):
             raise ValueError(f"loss must be 'wgan-gp' or 'wgan-clip' for NW-GAN (a Wasserstein dual), got {loss!r}")
         if proportions_lr is not None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_robust.utils.validation import check_choice, check_positive_int
+from lightning_robust.utils.validation import check_choice, check_non_negative, check_positive_int
 
 __all__ = ["DCGANDiscriminator", "DCGANGenerator", "dcgan_plan"]
 
@@ -176,6 +176,7 @@ class DCGANDiscriminator(nn.Module):
         super().__init__()
         check_positive_int("channels", channels)
         check_choice("norm", norm, ("none", "batch", "layer", "instance"))
+        check_non_negative("negative_slope", negative_slope)
         sides, widths = dcgan_plan(image_size, d)
         self.image_size, self.channels, self.d = image_size, channels, d
         sides, widths = sides[::-1], widths[::-1]  # image side first; widths d, 2d, 4d, ...

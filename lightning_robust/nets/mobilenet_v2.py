@@ -60,6 +60,7 @@ class MobileNetV2(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        check_positive_int("in_channels", in_channels)
         check_positive_int("num_classes", num_classes)
         check_positive("width_mult", width_mult)
         self.num_classes = num_classes

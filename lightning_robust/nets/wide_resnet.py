@@ -70,6 +70,7 @@ class WideResNet(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        check_positive_int("in_channels", in_channels)
         if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
             raise ValueError(f"depth must be of the form 6n + 4 with n >= 1 (e.g. 28, 34), got {depth!r}")
         check_positive_int("widen_factor", widen_factor)

@@ -22,6 +22,7 @@ __all__ = [
     "check_positive_int",
     "check_probability_vector",
     "check_same_length",
+    "check_seed",
 ]
 
 
@@ -48,6 +49,17 @@ def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def check_seed(name: str, value: Any) -> int:
+    """Return ``value`` if it is a usable random seed (an integer in ``[0, 2**63)``), else raise naming ``name``.
+
+    Negative seeds are refused: NumPy's generators reject them, and ``torch.Generator.manual_seed`` maps them
+    onto other seeds, so a negative seed would silently alias a positive one.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be an integer seed in [0, 2**63), got {value!r}")
     return value
 
 
