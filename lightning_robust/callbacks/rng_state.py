@@ -85,12 +85,12 @@ class RNGStateCheckpoint(pl.Callback):
 
     def __init__(self) -> None:
         super().__init__()
-        self._loaded: dict[str, Any] | None = None
+        self._trainer: pl.Trainer | None = None
 
     def state_dict(self) -> dict[str, Any]:
         # Called on every rank while the checkpoint is assembled; rank 0's copy is written, so gather.
         mine = capture_rng_state()
-        trainer = getattr(self, "_trainer", None)
+        trainer = self._trainer
         world = trainer.world_size if trainer is not None else 1
         if world == 1:
             return {"ranks": [mine]}
@@ -99,15 +99,13 @@ class RNGStateCheckpoint(pl.Callback):
         return {"ranks": gathered}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = state_dict
+        # Restore at once: Lightning loads callback states just before the fit loop starts, and the first
+        # thing the loop does is create the training iterator, which draws from the global RNG exactly as
+        # the uninterrupted run did at the start of that epoch (the sanity check runs under isolate_rng).
+        ranks = state_dict["ranks"]
+        trainer = getattr(self, "_trainer", None)
+        rank = trainer.global_rank if trainer is not None else 0
+        restore_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Restore as late as possible, after Lightning's own start-up code that may draw random numbers.
-        if self._loaded is None:
-            return
-        ranks = self._loaded["ranks"]
-        restore_rng_state(ranks[trainer.global_rank] if trainer.global_rank < len(ranks) else ranks[0])
-        self._loaded = None

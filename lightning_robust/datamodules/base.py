@@ -11,7 +11,33 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from lightning_robust.utils.validation import check_fraction, check_non_negative, check_positive_int, check_seed
 
-__all__ = ["EpochShuffleSampler", "IndexedDataset", "RobustDataModule"]
+__all__ = ["EpochShuffleSampler", "IndexedDataset", "OwnGeneratorLoader", "RobustDataModule"]
+
+
+class OwnGeneratorLoader(DataLoader):
+    """A DataLoader that draws its workers' base seed from its own generator, never from the global RNG.
+
+    A plain DataLoader draws from the global RNG every time an iterator is created (each epoch, and each
+    time Lightning rebuilds the loaders, e.g. after the poison filter removes samples). A resumed run cannot
+    replay those draws in the same order, so the global RNG (dropout, attack random starts) would drift from
+    the uninterrupted run even with :class:`~lightning_robust.callbacks.RNGStateCheckpoint`. The generator
+    is created on first use and left out of pickles (``ddp_spawn`` pickles DataModules, and pickled
+    generators do not survive shared-memory transfer).
+    """
+
+    def __init__(self, seed: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._generator_seed = seed
+
+    def __iter__(self) -> Any:
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(self._generator_seed)
+        return super().__iter__()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["generator"] = None
+        return state
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -179,10 +205,8 @@ class RobustDataModule(pl.LightningDataModule):
 
     def _loader(self, ds: Dataset, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
         sampler = EpochShuffleSampler(len(ds), self.seed) if shuffle else None  # type: ignore[arg-type]
-        # The loader's own generator: creating an iterator draws the workers' base seed from it, and would
-        # otherwise advance the *global* RNG at every epoch start, a draw that a resumed run cannot replay
-        # in the same order (so RNGStateCheckpoint could not make resumption exact).
-        return DataLoader(
+        return OwnGeneratorLoader(
+            self.seed,
             ds,
             batch_size=batch_size,
             sampler=sampler,
@@ -190,7 +214,6 @@ class RobustDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,
             drop_last=drop_last,
-            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _require(self, ds: Dataset | None, split: str) -> Dataset:
