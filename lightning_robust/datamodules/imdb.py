@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_robust.datamodules.base import RobustDataModule
+from lightning_robust.datamodules.base import EpochShuffleSampler, OwnGeneratorLoader, RobustDataModule
 from lightning_robust.utils.text import GLOVE_PACKAGE, HFTokenizer, TextTokenizer, WordVocabulary
 from lightning_robust.utils.validation import check_positive_int
 
@@ -413,6 +413,9 @@ class IMDBDataModule(RobustDataModule):
                                      self.max_length))
 
     def _loader(self, ds: Dataset, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.persistent_workers, pin_memory=self.pin_memory,
-                          drop_last=drop_last, collate_fn=PadCollate(self.pad_id))
+        # The seeded per-epoch order and the loader's own generator (as in the base class): resuming replays
+        # the same batches, and the global RNG is not advanced by iterator creation.
+        sampler = EpochShuffleSampler(len(ds), self.seed) if shuffle else None  # type: ignore[arg-type]
+        return OwnGeneratorLoader(self.seed, ds, batch_size=batch_size, sampler=sampler,
+                                  num_workers=self.num_workers, persistent_workers=self.persistent_workers,
+                                  pin_memory=self.pin_memory, drop_last=drop_last, collate_fn=PadCollate(self.pad_id))
