@@ -60,11 +60,15 @@ def _walk(node: Any, fn: Any) -> None:
             _walk(item, fn)
 
 
-def _patched(name: str, tmp_path: Path) -> Path:
-    """The config with downloads, checkpoints and pretrained weights replaced by offline stand-ins."""
+def _patched(name: str, tmp_path: Path, devices: int = 1) -> Path:
+    """The config with downloads, checkpoints and pretrained weights replaced by offline stand-ins.
+
+    With ``devices > 1`` the config's own strategy is kept (plain ``ddp`` where it says ``auto``), on CPU.
+    """
     cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     trainer = cfg.setdefault("trainer", {})
-    trainer.update(accelerator="cpu", devices=1, strategy="auto", default_root_dir=str(tmp_path),
+    strategy = "auto" if devices == 1 else trainer.get("strategy", "auto").replace("auto", "ddp")
+    trainer.update(accelerator="cpu", devices=devices, strategy=strategy, default_root_dir=str(tmp_path),
                    enable_progress_bar=False)
     trainer.pop("precision", None)  # 16-mixed is a GPU setting
 
@@ -116,9 +120,14 @@ def test_every_method_has_a_paper_and_a_cpu_config_and_every_config_is_listed():
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in PAPER + CPU])
 def test_config_parses(name, tmp_path):
     # run=False: no subcommand; the trainer, model and data module are built from the YAML without fitting.
-    cli = LightningRobustCLI(args=["--config", str(_patched(name, tmp_path))], run=False)
+    # Paper-scale configs are built for 4 processes with their own strategy (the processes start only in fit).
+    devices = 4 if name in PAPER else 1
+    cli = LightningRobustCLI(args=["--config", str(_patched(name, tmp_path, devices))], run=False)
     assert isinstance(cli.model, torch.nn.Module) and cli.datamodule is not None
     assert cli.trainer.max_epochs is not None or cli.trainer.max_steps > 0
+    assert cli.trainer.num_devices == devices
+    if devices > 1:
+        assert "DDP" in type(cli.trainer.strategy).__name__
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in CPU])
