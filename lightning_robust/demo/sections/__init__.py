@@ -24,16 +24,17 @@ from lightning_robust.demo.sections import (
 SectionFn = Callable[[DemoContext, Report], None]
 
 SECTIONS: list[tuple[str, str, SectionFn]] = [
+    # The classifier comes first: later sections reuse its trained digits model (ctx.artifacts).
     ("classifier", "Classifier on the bundled digits", classifier.run),
-    ("certification", "Robustness certificates for ReLU networks", certification.run),
-    ("text_spgd", text_spgd.TITLE, text_spgd.run),
-    ("entropic_gan", "Entropic GAN and per-sample likelihoods", entropic_gan.run),
-    ("interpretation", "Interpretation: certified SmoothGrad and second-order explanations", interpretation.run),
-    ("poison_filter", "Deep k-NN poison filter", poison_filter.run),
     ("attacks", "Adversarial attacks and adversarial training", attacks.run),
+    ("ard", "Adversarially Robust Distillation", ard.run),
+    ("poison_filter", "Deep k-NN poison filter", poison_filter.run),
+    ("interpretation", "Interpretation: certified SmoothGrad and second-order explanations", interpretation.run),
+    ("certification", "Robustness certificates for ReLU networks", certification.run),
     ("gan_distillation", "GAN compression by distillation", gan_distillation.run),
     ("normalized_wasserstein", "Normalized Wasserstein: NW-GAN learns mixture proportions", normalized_wasserstein.run),
-    ("ard", "Adversarially Robust Distillation", ard.run),
+    ("entropic_gan", "Entropic GAN and per-sample likelihoods", entropic_gan.run),
+    ("text_spgd", text_spgd.TITLE, text_spgd.run),
 ]
 
 __all__ = ["SECTIONS", "SectionFn"]
