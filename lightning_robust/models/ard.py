@@ -48,7 +48,6 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_robust.attacks import PGD, Attack, model_mode
-from lightning_robust.models import adversarial_training as adv
 from lightning_robust.models.classifier import Classifier, _num_classes_of
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.checkpoint import load_module
@@ -286,27 +285,8 @@ class ARDStudent(Classifier):
     def _free_training_step(self, x: torch.Tensor,
                             y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Free ARD: ``free_replays`` optimizer steps on this minibatch; one backward gives both gradients."""
-        assert self.attack is not None
-        threat = self.attack.threat
-        optimizer = self.optimizers()
         t_logits = self.teacher_logits(x)  # the teacher sees clean x only: once per minibatch
-        n = x.shape[0]
-        if self._free_delta is None or self._free_delta.shape[1:] != x.shape[1:] or self._free_delta.shape[0] < n:
-            self._free_delta = torch.zeros_like(x)
-        self._free_delta = self._free_delta.to(x.device)
-        delta = self._free_delta[:n]
-        for _ in range(self.free_replays):
-            x_adv = (x + delta).clamp(threat.low, threat.high).detach().requires_grad_(True)
-            loss, logits, extra = self._loss(x, x_adv, y, t_logits)
-            optimizer.zero_grad()  # type: ignore[union-attr]
-            self.manual_backward(loss)
-            optimizer.step()  # type: ignore[union-attr]
-            assert x_adv.grad is not None
-            delta = adv.free_delta_update(delta, x_adv.grad, self.attack).detach()
-            if self.scheduler_factory is not None and self.scheduler_interval == "step":
-                self._step_schedulers()
-        self._free_delta[:n] = delta
-        return loss, logits, extra
+        return self._free_replays(x, lambda x_adv: self._loss(x, x_adv, y, t_logits))
 
     # ---- teacher accuracy, logged once ----------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

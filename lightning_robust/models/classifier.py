@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -248,6 +249,16 @@ class Classifier(pl.LightningModule):
     def _free_training_step(self, x: torch.Tensor,
                             y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Free adversarial training: ``free_replays`` optimizer steps on this minibatch, one backward each."""
+        return self._free_replays(x, lambda x_adv: self.training_loss(x_adv, y))
+
+    def _free_replays(self, x: torch.Tensor, loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor,
+                      dict[str, Any]]]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """The free-training loop (Shafahi et al., arXiv 1904.12843) around ``loss_of(x_adv)``.
+
+        The minibatch is replayed ``free_replays`` times; each backward gives the weights' gradient and the
+        input gradient that updates the perturbation ``δ``, which is carried to the next minibatch (and kept
+        in checkpoints). Subclasses supply their own loss (ARD: the distillation loss).
+        """
         assert self.attack is not None
         threat = self.attack.threat
         optimizer = self.optimizers()
@@ -258,7 +269,7 @@ class Classifier(pl.LightningModule):
         delta = self._free_delta[:n]
         for _ in range(self.free_replays):
             x_adv = (x + delta).clamp(threat.low, threat.high).detach().requires_grad_(True)
-            loss, logits, extra = self.training_loss(x_adv, y)
+            loss, logits, extra = loss_of(x_adv)
             optimizer.zero_grad()  # type: ignore[union-attr]
             self.manual_backward(loss)
             optimizer.step()  # type: ignore[union-attr]
