@@ -102,3 +102,12 @@ def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     from lightning_robust.datamodules import load_digits_tensors
 
     return load_digits_tensors(8, 1)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny problems: more threads only add synchronisation (badly on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,12 +15,7 @@ from tests.helpers.ddp import RankGather, ddp_trainer, flat_params, single_train
 CLASSES, P_SOURCE = [1, 4, 8], [0.6, 0.3, 0.1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(method: str = "nw", **kw) -> NWDomainAdaptation:

@@ -15,12 +15,7 @@ from tests.helpers.ddp import RankGather, ddp_trainer, flat_params, single_train
 PI_TRUE = [0.6, 0.3, 0.1, 0.0]  # three modes on a 2x2 grid, the fourth empty
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dm(n_train: int = 2048, batch_size: int = 128) -> GaussianMixtureDataModule:

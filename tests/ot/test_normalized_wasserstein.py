@@ -20,13 +20,7 @@ from lightning_robust.ot import (
 MEANS = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _components(m: int, g: torch.Generator, std: float = 0.3) -> list[torch.Tensor]:

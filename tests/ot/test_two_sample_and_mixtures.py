@@ -19,12 +19,7 @@ from lightning_robust.ot import (
 CENTERS = grid_mixture(2, 3.0)  # 4 modes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _draw(pi, n, g, shift=0.0):
