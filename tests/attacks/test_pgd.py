@@ -27,12 +27,12 @@ def test_pgd_l2_matches_torchattacks(trained_digits_cnn, batch):
     net = trained_digits_cnn
     ours = PGD(eps=0.5, alpha=0.1, steps=10, norm="l2", random_start=False)(net, x, y)
     ref = torchattacks.PGDL2(net, eps=0.5, alpha=0.1, steps=10, random_start=False)(x, y)
-    # torchattacks normalizes the gradient of the batch-*mean* loss by ``norm + 1e-10``; for the few very
-    # confident samples whose mean-scaled gradient is below ~1e-6 that fudge shortens its steps. Everywhere
-    # else the two must agree.
+    # torchattacks normalizes the gradient of the batch-*mean* loss by ``norm + 1e-10``: its step is shorter
+    # than ours by a relative 1e-10 / norm, which PGD's trajectory then amplifies (by how much depends on
+    # float rounding, i.e. on the thread count). Compare where that relative error is below 1e-5.
     x0 = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x0), y), x0)
-    normal = g.flatten(1).norm(dim=1) > 2e-6
+    normal = g.flatten(1).norm(dim=1) > 1e-5
     assert normal.float().mean() > 0.6
     assert torch.allclose(ours[normal], ref[normal], atol=1e-5, rtol=0)
 
