@@ -16,7 +16,7 @@ PAPER = {"mnist": ("MNISTDataModule", 1669.0), "cifar10": ("CIFAR10DataModule", 
          "celeba": ("CelebADataModule", 87.0)}
 
 
-def _skip_without(datamodule: str) -> None:
+def _require_datamodule(datamodule: str) -> None:
     assert hasattr(importlib.import_module("lightning_robust.datamodules"), datamodule), datamodule
 
 
@@ -29,7 +29,7 @@ def _common(tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_configs_parse_at_the_paper_ratios(name, tmp_path):  # run=False: no subcommand
     datamodule, paper_ratio = PAPER[name]
-    _skip_without(datamodule)
+    _require_datamodule(datamodule)
     teacher = LightningRobustCLI(args=["--config", str(CONFIGS / f"gan_{name}_teacher.yaml"),
                                        *_common(tmp_path)], run=False)
     assert type(teacher.model).__name__ == "GAN" and type(teacher.datamodule).__name__ == datamodule
