@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,6 +31,23 @@ def saliency_difference(g_natural: torch.Tensor, g_perturbed: torch.Tensor) -> t
     The paper's penalty (the authors' ``MSELoss`` between unit-norm absolute gradient maps), per sample.
     """
     return (_unit(g_natural.abs()) - _unit(g_perturbed.abs())).pow(2).mean(1)
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Batch-norm layers keep normalising with batch statistics but leave their running statistics alone."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
+            saved.append((m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()))
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None and m.num_batches_tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 class InterpretationRegularizedClassifier(Classifier):
@@ -138,7 +157,10 @@ class InterpretationRegularizedClassifier(Classifier):
             with torch.no_grad():
                 cls = self(x).argmax(1)
         both = torch.cat([x, x_pert]).detach().requires_grad_(True)
-        z = self(both)
+        with _running_stats_frozen(self.net):
+            # The penalty's forward sees perturbed inputs: it must not move BatchNorm's running statistics
+            # (the cross-entropy forward above already updated them once for this batch).
+            z = self(both)
         # create_graph: the saliency maps stay functions of the weights (double backpropagation).
         (g,) = torch.autograd.grad(z.gather(1, cls.repeat(2)[:, None]).sum(), both, create_graph=True)
         per_sample = saliency_difference(g[:B], g[B:])

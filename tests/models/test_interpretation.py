@@ -93,6 +93,33 @@ def test_attack_perturbation_and_adversarial_ce():
     assert extra0 == {} and loss0.item() == pytest.approx(F.cross_entropy(net(x_adv), y).item(), rel=1e-6)
 
 
+class _BNNet(torch.nn.Module):
+    num_classes = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16),
+                                        torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_penalty_forward_leaves_batchnorm_running_statistics_alone():
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    model = InterpretationRegularizedClassifier(_BNNet(), saliency_weight=1.0)
+    reference = _BNNet()
+    reference.load_state_dict(model.net.state_dict())
+    model.train()
+    reference.train()
+    model.training_loss(x, y)
+    reference(x)  # what the cross-entropy forward alone does to the statistics
+    bn, ref_bn = model.net.body[2], reference.body[2]
+    assert torch.equal(bn.running_mean, ref_bn.running_mean) and torch.equal(bn.running_var, ref_bn.running_var)
+    assert int(bn.num_batches_tracked) == 1 and bn.momentum == ref_bn.momentum
+
+
 def test_checkpoint_is_weights_only_and_arguments_are_checked(tmp_path):
     pl.seed_everything(0)
     model = InterpretationRegularizedClassifier(
