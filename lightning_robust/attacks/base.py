@@ -58,6 +58,8 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce", targete
       (targeted), optionally capped at ``kappa`` (confidence), so that samples already fooled by a
       margin of ``kappa`` stop pulling the step.
     """
+    if not isinstance(kappa, (int, float)) or isinstance(kappa, bool) or not kappa > 0:
+        raise ValueError(f"kappa must be a positive number or inf, got {kappa!r}")
     if loss == "ce":
         ce = F.cross_entropy(logits, y, reduction="none")
         return -ce if targeted else ce

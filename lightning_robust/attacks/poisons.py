@@ -139,6 +139,8 @@ def simplex_least_squares(
         steps: maximum iterations of the iterative solver.
         tol: its relative-change stopping tolerance.
     """
+    check_positive_int("steps", steps)
+    check_non_negative("tol", tol)
     f = features.detach().double().flatten(1)
     t = target.detach().double().flatten()
     k = f.shape[0]

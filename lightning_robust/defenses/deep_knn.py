@@ -240,6 +240,7 @@ def deep_knn_filter(
     """
     features, labels = check_features_labels(features, labels)
     check_choice("tie_break", tie_break, TIE_BREAKS)
+    check_positive("normalized_k", normalized_k)
     if k is None:
         k = default_k(labels, normalized_k)
     counts = knn_vote_counts(features, labels, k, rows=rows, class_balance=class_balance, chunk_size=chunk_size,

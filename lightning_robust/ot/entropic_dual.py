@@ -68,6 +68,7 @@ def entropic_dual_objective(d_real: torch.Tensor, d_fake: torch.Tensor, cost: to
         ValueError: if ``reg <= 0`` or the shapes disagree.
     """
     _check(d_real, d_fake, cost, reg)
+    check_positive("exp_limit", exp_limit)
     log_p = _log_coupling(d_real, d_fake, cost, reg)
     mass = _guarded_exp(log_p, exp_limit).mean()
     transport = d_real.mean() - d_fake.mean()

@@ -17,7 +17,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int, check_probability_vector
+from lightning_robust.utils.validation import (
+    check_choice,
+    check_positive,
+    check_positive_int,
+    check_probability_vector,
+    check_seed,
+)
 
 __all__ = ["assign_to_generators", "clustering_accuracy", "kmeans", "mixture_recovery_errors"]
 
@@ -39,6 +45,7 @@ def kmeans(x: torch.Tensor, k: int, n_iter: int = 100, seed: int = 0) -> tuple[t
     """
     check_positive_int("k", k)
     check_positive_int("n_iter", n_iter)
+    check_seed("seed", seed)
     pts = x.reshape(x.shape[0], -1).double()
     n = pts.shape[0]
     if k > n:

@@ -23,7 +23,13 @@ import torch
 
 from lightning_robust.ot.mixtures import kmeans
 from lightning_robust.ot.normalized_wasserstein import _nw_sinkhorn_cost, _pairwise_cost
-from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int
+from lightning_robust.utils.validation import (
+    check_choice,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+    check_seed,
+)
 
 __all__ = ["TwoSampleTestResult", "nw_two_sample_test"]
 
@@ -102,6 +108,13 @@ def nw_two_sample_test(
     check_positive("reg", reg)
     check_positive_int("max_iter", max_iter)
     check_positive_int("chunk_size", chunk_size)
+    check_non_negative("tol", tol)
+    check_seed("seed", seed)
+    if isinstance(components, bool) or not isinstance(components, (int, torch.Tensor, list, tuple)):
+        raise TypeError(f"components must be a number of components, a tensor or a sequence of sample tensors, "
+                        f"got {type(components).__name__}")
+    if isinstance(components, int):
+        check_positive_int("components", components)
     if power not in (1, 2):
         raise ValueError(f"power must be 1 or 2, got {power!r}")
     nx, ny = x.shape[0], y.shape[0]
