@@ -87,6 +87,8 @@ class FiniteLossGuard(pl.Callback):
         if torch.is_tensor(loss) and loss.numel() == 1:
             found["training_step loss"] = float(loss.detach())
         for name, value in trainer.callback_metrics.items():
+            if name.startswith(("val", "test", "predict")):
+                continue  # evaluation metrics from an earlier loop are not this step's training loss
             if self.metric_substring in name and torch.is_tensor(value) and value.numel() == 1:
                 found[name] = float(value.detach())
         bad = {k: v for k, v in found.items() if not math.isfinite(v)}
