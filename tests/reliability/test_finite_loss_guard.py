@@ -24,7 +24,8 @@ def _loader(n: int = 64, poison_batch: int | None = None, value: float = float("
 
 
 def _trainer(tmp_path, **kw) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+    kw.setdefault("max_epochs", 1)
+    return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw)
 
 
@@ -94,3 +95,16 @@ def test_bad_arguments_are_named():
         FiniteLossGuard(every_n_steps=0)
     with pytest.raises(ValueError, match="metric_substring"):
         FiniteLossGuard(metric_substring=3)  # type: ignore[arg-type]
+
+
+class _NaNValidation(Classifier):
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", torch.tensor(float("nan")))
+
+
+def test_a_non_finite_validation_loss_does_not_stop_training(tmp_path):
+    torch.manual_seed(0)
+    model = _NaNValidation(MLP(16, 3, hidden=(8,)), optimizer=partial(torch.optim.SGD, lr=0.1))
+    trainer = _trainer(tmp_path, max_epochs=2, callbacks=[FiniteLossGuard()])
+    trainer.fit(model, _loader(), _loader(16))
+    assert trainer.current_epoch == 2 and torch.isnan(trainer.callback_metrics["val/loss"])
