@@ -8,11 +8,26 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["machine_info", "markdown_table", "matmul_gflops", "sync", "timeit", "update_markdown_block"]
+T = TypeVar("T")
+
+__all__ = [
+    "DEFAULT_SEEDS",
+    "machine_info",
+    "markdown_table",
+    "matmul_gflops",
+    "mean_std",
+    "over_seeds",
+    "sync",
+    "timeit",
+    "update_markdown_block",
+]
+
+# Every fidelity table reports mean ± std over at least these seeds (DESIGN.md, "Fidelity runs").
+DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
 
 
 def sync(device: torch.device | str | None = None) -> None:
@@ -77,3 +92,30 @@ def update_markdown_block(path: str | Path, name: str, body: str) -> None:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def over_seeds(fn: Callable[[int], T], seeds: Sequence[int] = DEFAULT_SEEDS) -> list[T]:
+    """``[fn(seed) for seed in seeds]``, seeding torch's global generator before each call.
+
+    ``fn`` should still seed everything it owns (data split, initial weights, attack starts) from its
+    argument; the global seed only catches what it forgets.
+    """
+    out: list[T] = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        out.append(fn(seed))
+    return out
+
+
+def mean_std(values: Sequence[float], digits: int = 3) -> str:
+    """``"m ± s"`` over seeds: mean and sample standard deviation (ddof = 1), ``digits`` decimals.
+
+    A single value prints as ``"m (1 run)"`` so a missing spread is never mistaken for a zero one.
+    """
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("mean_std: values is empty; expected one number per seed")
+    mean = statistics.fmean(vals)
+    if len(vals) == 1:
+        return f"{mean:.{digits}f} (1 run)"
+    return f"{mean:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
