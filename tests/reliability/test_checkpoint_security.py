@@ -195,3 +195,28 @@ def test_teacher_generator_and_feature_checkpoints_never_run_the_payload(tmp_pat
     }
     for load in loaders.values():
         _refusal(load, marker, r"evil\.ckpt.*not a weights-only file")
+
+
+def test_load_from_checkpoint_of_every_module_and_datamodule_base_is_weights_only(tmp_path, monkeypatch):
+    from lightning_robust.datamodules import DigitsDataModule
+    from lightning_robust.models import GAN, Classifier, NWDomainAdaptation
+
+    path, marker = _evil_checkpoint(tmp_path)
+    _refusal(lambda: Classifier.load_from_checkpoint(path, net=MLP(16, 2, hidden=(4,))), marker,
+             r"evil\.ckpt.*not a weights-only file")
+    _refusal(lambda: DigitsDataModule.load_from_checkpoint(str(path)), marker, r"evil\.ckpt.*not a weights-only")
+    monkeypatch.setattr(ckpt_mod, "_fetch", lambda url, dest: shutil.copyfile(path, dest))
+    _refusal(lambda: Classifier.load_from_checkpoint("https://example.invalid/evil.ckpt",
+                                                     net=MLP(16, 2, hidden=(4,))), marker, "not a weights-only")
+    from lightning_robust.utils import WeightsOnlyLoadFromCheckpoint
+
+    for cls in (Classifier, GAN, NWDomainAdaptation, DigitsDataModule):
+        assert issubclass(cls, WeightsOnlyLoadFromCheckpoint), cls
+
+    good = tmp_path / "good.ckpt"
+    trainer = _tiny_fit(tmp_path)
+    trainer.save_checkpoint(good)
+    with pytest.warns(UserWarning, match="weights_only=False is ignored"):
+        back = Classifier.load_from_checkpoint(good, net=MLP(16, 2, hidden=(4,)), weights_only=False)
+    for k, v in trainer.lightning_module.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
