@@ -35,6 +35,7 @@ from torch import nn
 
 __all__ = [
     "CheckpointError",
+    "WeightsOnlyLoadFromCheckpoint",
     "extract_state_dict",
     "load_module",
     "local_checkpoint",
@@ -201,6 +202,63 @@ def _load_weights_only(source: Path | IO[bytes], name: str, map_location: MapLoc
         raise CheckpointError(
             f"checkpoint {name!r} could not be read ({type(err).__name__}: {str(err)[:200]})"
         ) from None
+
+
+class WeightsOnlyLoadFromCheckpoint:
+    """Mixin for a LightningModule / LightningDataModule: ``load_from_checkpoint`` is weights-only.
+
+    Lightning's ``load_from_checkpoint`` calls ``torch.load`` with ``weights_only`` unset (so
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns unpickling of arbitrary objects back on) and loads
+    ``http(s)://`` URLs with ``weights_only=False``. This override fetches URLs to a temporary file,
+    verifies the archive's CRCs and hands Lightning the local file with ``weights_only=True``, so the
+    environment cannot change it; ``weights_only=False`` is ignored with a warning. Every module and
+    DataModule of this package inherits it; put it first in the bases of your own to get the same.
+
+    Example:
+        >>> class MyModule(WeightsOnlyLoadFromCheckpoint, pl.LightningModule): ...
+        >>> model = Classifier.load_from_checkpoint("https://host/run/last.ckpt", net=SmallCNN())
+    """
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: PathLike | IO[bytes],
+        map_location: MapLocation = None,
+        hparams_file: PathLike | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Lightning's ``load_from_checkpoint``, weights-only whatever the environment or ``weights_only`` say.
+
+        Raises:
+            CheckpointError: missing, unfetchable, corrupted or not weights-only (names the file).
+        """
+        if weights_only is False:
+            warnings.warn(
+                f"{cls.__name__}.load_from_checkpoint loads weights-only; weights_only=False is ignored",
+                stacklevel=2,
+            )
+        parent = super().load_from_checkpoint  # type: ignore[misc]
+        name = os.fspath(checkpoint_path) if isinstance(checkpoint_path, (str, os.PathLike)) else "<buffer>"
+        with contextlib.ExitStack() as stack:
+            source: Path | IO[bytes]
+            if isinstance(checkpoint_path, (str, os.PathLike)):
+                source = stack.enter_context(local_checkpoint(checkpoint_path))
+            else:
+                verify_checkpoint_archive(checkpoint_path)
+                source = checkpoint_path
+            try:
+                if strict is not None:  # LightningDataModule.load_from_checkpoint has no `strict`
+                    kwargs["strict"] = strict
+                return parent(source, map_location=map_location, hparams_file=hparams_file, weights_only=True,
+                              **kwargs)
+            except pickle.UnpicklingError as err:
+                raise CheckpointError(
+                    f"checkpoint {str(name)!r} is not a weights-only file (it holds pickled objects beyond tensors "
+                    f"and primitive containers, which lightning_robust refuses to unpickle): "
+                    f"{str(err).splitlines()[0]}"
+                ) from None
 
 
 def extract_state_dict(obj: Any, template: nn.Module | None = None) -> dict[str, torch.Tensor]:
