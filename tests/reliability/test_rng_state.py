@@ -141,3 +141,41 @@ def test_dropout_resume_is_exact_only_with_the_callback(tmp_path, with_callback)
     resumed = _fit_dropout(tmp_path, 4, cbs(), ckpt_path=str(tmp_path / "mid.ckpt"))
     # The control: without the generator states, dropout masks after the resume differ.
     assert torch.equal(straight, resumed) is with_callback
+
+
+class _RankStreams(pl.Callback):
+    """After the resume's restore, every rank draws from its generators; rank 0 writes all ranks' draws."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        mine = torch.tensor([random.random(), float(np.random.rand()), float(torch.rand(()))],  # noqa: NPY002
+                            dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(mine).reshape(trainer.world_size, 3)
+        if trainer.global_rank == 0:
+            torch.save(gathered.cpu(), self.path)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_one_rank_checkpoint_resumed_on_two_ddp_ranks_gives_distinct_streams(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_robust.callbacks import AtomicCheckpointIO
+
+    data = DataLoader(TensorDataset(torch.rand(16, 1, 4, 4), torch.randint(0, 2, (16,))), batch_size=4)
+    ckpt, draws = tmp_path / "one.ckpt", tmp_path / "draws.pt"
+    single = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[RNGStateCheckpoint()])
+    single.fit(Classifier(MLP(16, 2, hidden=(4,))), data)
+    single.save_checkpoint(ckpt)
+    assert len(safe_load(ckpt)["callbacks"]["RNGStateCheckpoint"]["ranks"]) == 1
+    ddp_trainer(tmp_path, max_epochs=2, plugins=[AtomicCheckpointIO()],
+                callbacks=[RNGStateCheckpoint(), _RankStreams(str(draws))]).fit(
+        Classifier(MLP(16, 2, hidden=(4,))), data, ckpt_path=str(ckpt))
+    rank0, rank1 = torch.load(draws, weights_only=True)
+    # Python, NumPy and torch: rank 1 (which the checkpoint has no state for) draws its own numbers.
+    assert all(a != b for a, b in zip(rank0.tolist(), rank1.tolist(), strict=True)), (rank0, rank1)
+
