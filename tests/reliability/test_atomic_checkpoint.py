@@ -46,6 +46,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_partial(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.slow  # the second process imports Lightning
 def test_concurrent_saves_to_one_path_keep_each_others_partial_files(tmp_path, monkeypatch):
     target = tmp_path / "last.ckpt"
     mine, theirs = os.urandom(5000), os.urandom(3000)

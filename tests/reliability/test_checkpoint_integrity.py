@@ -75,12 +75,13 @@ def test_every_flipped_tensor_byte_is_refused_naming_the_file(tmp_path):
     rng = random.Random(0)
     positions = [p for r in _tensor_byte_ranges(path) for p in r]
     assert len(positions) == 4 * (64 + 7)
-    for pos in positions:
+    for i, pos in enumerate(positions):
         bad = _flip(path, pos, rng.randrange(8), tmp_path / "flipped.ckpt")
         with pytest.raises(CheckpointError, match=r"flipped\.ckpt.*is corrupted.*saved/data/\d"):
             safe_load(bad)
-        with pytest.raises(CheckpointError, match=r"flipped\.ckpt"):
-            load_module(bad, into=MLP(4, 2))
+        if i % 20 == 0:  # load_module (teachers, feature nets) reads through safe_load: a sample suffices
+            with pytest.raises(CheckpointError, match=r"flipped\.ckpt"):
+                load_module(bad, into=MLP(4, 2))
 
 
 def test_a_bit_flip_anywhere_is_an_error_or_loads_the_exact_content(tmp_path):
