@@ -35,6 +35,7 @@ from torch import nn
 
 __all__ = [
     "CheckpointError",
+    "CheckpointNotFoundError",
     "WeightsOnlyLoadFromCheckpoint",
     "extract_state_dict",
     "load_module",
@@ -54,6 +55,10 @@ _FETCH_TIMEOUT_S = 60.0
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, corrupted, not weights-only, or does not fit the target module."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A local checkpoint path that does not exist (also a ``FileNotFoundError``, as Lightning's loader raised)."""
 
 
 def is_url(path: PathLike) -> bool:
@@ -109,7 +114,7 @@ def local_checkpoint(path: PathLike) -> Iterator[Path]:
         return
     local = Path(text.removeprefix("file://"))
     if not local.is_file():
-        raise CheckpointError(f"checkpoint file {text!r} does not exist")
+        raise CheckpointNotFoundError(f"checkpoint file {text!r} does not exist")
     verify_checkpoint_archive(local, name=text)
     yield local
 

@@ -159,3 +159,13 @@ def test_plugin_and_cli_refuse_a_corrupted_checkpoint(tmp_path):
         LightningRobustCLI(args=["fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
                                  f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
                                  "--trainer.enable_progress_bar=false", f"--ckpt_path={bad_cnn}"])
+
+
+def test_missing_checkpoint_is_still_a_file_not_found_error(tmp_path):
+    # Lightning's loader raised FileNotFoundError for a missing ckpt_path; code catching it keeps working.
+    for load in (lambda p: AtomicCheckpointIO().load_checkpoint(p), safe_load):
+        with pytest.raises(FileNotFoundError, match=r"nothere\.ckpt.*does not exist"):
+            load(tmp_path / "nothere.ckpt")
+        with pytest.raises(CheckpointError, match=r"nothere\.ckpt"):
+            load(tmp_path / "nothere.ckpt")
+
