@@ -13,6 +13,8 @@ the package's own are imported here so that their short names resolve too.
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,6 +25,7 @@ import lightning_robust.callbacks
 import lightning_robust.datamodules
 import lightning_robust.models  # noqa: F401  (registers subclasses for class_path resolution)
 from lightning_robust.callbacks import AtomicCheckpointIO, FiniteLossGuard, RNGStateCheckpoint
+from lightning_robust.utils.checkpoint import CheckpointError, is_url, verify_checkpoint_archive
 
 __all__ = ["LightningRobustCLI", "main"]
 
@@ -36,7 +39,8 @@ class LightningRobustCLI(LightningCLI):
     * reliability defaults: checkpoints are written atomically (:class:`AtomicCheckpointIO`, unless the
       config names another CheckpointIO plugin) and a :class:`FiniteLossGuard` stops training at the first
       NaN/inf loss, and :class:`RNGStateCheckpoint` puts the random generators' states in checkpoints
-      (each unless the config already has one).
+      (each unless the config already has one). With the plugin, ``--ckpt_path`` (local or URL) is
+      loaded weights-only whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says, after a CRC check.
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
@@ -64,6 +68,30 @@ class LightningRobustCLI(LightningCLI):
             if not any(isinstance(c, default) for c in given):
                 callbacks = [*callbacks, default()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _parse_ckpt_path(self) -> None:
+        """Check a local ``--ckpt_path`` before LightningCLI peeks at its hyper-parameters.
+
+        LightningCLI reads a local checkpoint's hyper-parameters with its own ``torch.load(weights_only=True)``
+        before the Trainer loads it through the plugin: safe, but it skips the CRC check and lets a raw
+        ``UnpicklingError`` escape. Verify the archive first and turn a refusal into ``CheckpointError``
+        naming the file, as every other loading path does. (URLs are skipped by LightningCLI and loaded
+        by :class:`AtomicCheckpointIO`.)
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or is_url(ckpt_path) or not Path(ckpt_path).is_file():
+            super()._parse_ckpt_path()
+            return
+        verify_checkpoint_archive(ckpt_path)
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt_path)!r} is not a weights-only file (it holds pickled objects beyond "
+                f"tensors and primitive containers, which lightning_robust refuses to unpickle): "
+                f"{str(err).splitlines()[0]}"
+            ) from None
 
     def instantiate_classes(self) -> None:
         """Instantiate, turning a constructor's validation error into one parser error (exit code 2).

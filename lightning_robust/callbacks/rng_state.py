@@ -7,19 +7,30 @@ the uninterrupted run would have, and "resume gives the same result" fails. :cla
 saves the states of Python's ``random``, NumPy's global generator, torch's CPU generator and every CUDA
 generator, for every rank (gathered to the checkpoint that rank 0 writes), and restores each rank's own
 state on load.
+
+Resuming with more ranks than the checkpoint holds (e.g. 2 saved, 4 now) cannot be exact: the new ranks
+have no saved stream. Giving them rank 0's state (as a plain fallback would) makes their dropout masks,
+random starts and noise identical to rank 0's, so :class:`RNGStateCheckpoint` warns and derives a
+distinct, reproducible state for each new rank ``r``: it restores saved rank ``r mod n`` and then
+re-seeds every generator from a SHA-256 of that rank's saved bytes and ``r``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import io
 import pickle
 import random
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+
+from lightning_robust.utils.checkpoint import CheckpointError
 
 __all__ = ["RNGStateCheckpoint", "capture_rng_state", "restore_rng_state"]
 
@@ -73,6 +84,45 @@ def _unpickle_state(blob: torch.Tensor) -> Any:
     return _StateOnlyUnpickler(io.BytesIO(blob.cpu().numpy().tobytes())).load()
 
 
+_STATE_KEYS = ("python", "numpy", "torch")
+
+
+def _checked_ranks(state_dict: Any) -> Sequence[Mapping[str, Any]]:
+    """The per-rank states of a saved ``RNGStateCheckpoint`` state, or a CheckpointError naming what is wrong."""
+    ranks = state_dict.get("ranks") if isinstance(state_dict, Mapping) else None
+    if not isinstance(ranks, (list, tuple)) or len(ranks) == 0:
+        raise CheckpointError(
+            "RNGStateCheckpoint: the checkpoint's generator state holds no ranks (expected state_dict['ranks'] "
+            f"to be a non-empty list of per-rank states, got {type(ranks).__name__ if ranks is not None else None}"
+            f"{' of length 0' if isinstance(ranks, (list, tuple)) else ''})"
+        )
+    for i, rank in enumerate(ranks):
+        if not isinstance(rank, Mapping) or any(k not in rank for k in _STATE_KEYS):
+            raise CheckpointError(
+                f"RNGStateCheckpoint: state_dict['ranks'][{i}] is not a generator state (expected a mapping with "
+                f"keys {list(_STATE_KEYS)}, got {type(rank).__name__})"
+            )
+    return ranks
+
+
+def derive_rng_state(state: Mapping[str, Any], rank: int) -> None:
+    """Restore ``state``, then re-seed every generator from a hash of it and ``rank``.
+
+    Used for ranks a checkpoint has no state for: each gets a stream that differs from every other
+    rank's (the seed depends on ``rank``) and is the same every time this checkpoint is resumed with
+    this world size (the seed depends only on saved bytes and ``rank``).
+    """
+    restore_rng_state(dict(state))
+    digest = hashlib.sha256()
+    for key in _STATE_KEYS:
+        digest.update(state[key].cpu().numpy().tobytes())
+    digest.update(f"rank={rank}".encode())
+    seed = int.from_bytes(digest.digest()[:8], "little")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002  (the legacy global generator is what users seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
 class RNGStateCheckpoint(pl.Callback):
     """Save every rank's random-generator states in checkpoints and restore them on resume.
 
@@ -102,10 +152,23 @@ class RNGStateCheckpoint(pl.Callback):
         # Restore at once: Lightning loads callback states just before the fit loop starts, and the first
         # thing the loop does is create the training iterator, which draws from the global RNG exactly as
         # the uninterrupted run did at the start of that epoch (the sanity check runs under isolate_rng).
-        ranks = state_dict["ranks"]
+        ranks = _checked_ranks(state_dict)
         trainer = getattr(self, "_trainer", None)
         rank = trainer.global_rank if trainer is not None else 0
-        restore_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
+        world = trainer.world_size if trainer is not None else 1
+        if world != len(ranks) and rank == 0:
+            more = world > len(ranks)
+            warnings.warn(
+                f"RNGStateCheckpoint: the checkpoint holds generator states of {len(ranks)} rank(s), this run has "
+                f"{world}; resuming is not exactly the uninterrupted run. "
+                + (f"Ranks {len(ranks)}..{world - 1} get distinct states derived from the saved ones."
+                   if more else f"The states of ranks {world}..{len(ranks) - 1} are dropped."),
+                stacklevel=2,
+            )
+        if rank < len(ranks):
+            restore_rng_state(dict(ranks[rank]))
+        else:
+            derive_rng_state(ranks[rank % len(ranks)], rank)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer

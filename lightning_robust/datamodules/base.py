@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from lightning_robust.utils.checkpoint import WeightsOnlyLoadFromCheckpoint
 from lightning_robust.utils.validation import check_fraction, check_non_negative, check_positive_int, check_seed
 
 __all__ = ["EpochShuffleSampler", "IndexedDataset", "OwnGeneratorLoader", "RobustDataModule"]
@@ -88,7 +89,7 @@ class IndexedDataset(Dataset):
         return [(item[0], item[1], int(i)) for item, i in zip(items, indices)]
 
 
-class RobustDataModule(pl.LightningDataModule):
+class RobustDataModule(WeightsOnlyLoadFromCheckpoint, pl.LightningDataModule):  # type: ignore[misc]  # weights-only override
     """Base DataModule: a training set split into train/val by seed, an optional test set, and loaders.
 
     Subclasses implement :meth:`build_datasets` (return the full training set and the test set, or

@@ -8,12 +8,13 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
+from lightning_robust.utils.checkpoint import WeightsOnlyLoadFromCheckpoint
 from lightning_robust.utils.validation import check_choice
 
 __all__ = ["DomainAdaptationDataModule"]
 
 
-class DomainAdaptationDataModule(pl.LightningDataModule):
+class DomainAdaptationDataModule(WeightsOnlyLoadFromCheckpoint, pl.LightningDataModule):  # type: ignore[misc]  # weights-only override
     """Pair a source and a target DataModule for unsupervised domain adaptation.
 
     Training batches are ``{"source": batch_s, "target": batch_t}`` from Lightning's

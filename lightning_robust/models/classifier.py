@@ -16,6 +16,7 @@ from lightning_robust.attacks import Attack
 from lightning_robust.certify import certify, simplex_hinge_loss
 from lightning_robust.models import adversarial_training as adv
 from lightning_robust.utils.batch import split_batch
+from lightning_robust.utils.checkpoint import WeightsOnlyLoadFromCheckpoint
 from lightning_robust.utils.validation import (
     check_choice,
     check_fraction,
@@ -37,7 +38,7 @@ def _num_classes_of(net: nn.Module) -> int | None:
     return int(n) if isinstance(n, int) else None
 
 
-class Classifier(pl.LightningModule):
+class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ignore[misc]  # weights-only override
     """Standard supervised training of ``net`` (logits out) with cross-entropy.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``

@@ -33,6 +33,7 @@ from lightning_robust.ot.normalized_wasserstein import (
     normalized_wasserstein,
 )
 from lightning_robust.utils.batch import split_batch
+from lightning_robust.utils.checkpoint import WeightsOnlyLoadFromCheckpoint
 from lightning_robust.utils.validation import (
     check_choice,
     check_non_negative,
@@ -78,7 +79,7 @@ def _out_features(module: nn.Module) -> int | None:
     return int(last.out_features) if last is not None else None
 
 
-class NWDomainAdaptation(pl.LightningModule):
+class NWDomainAdaptation(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ignore[misc]  # weights-only override
     """Feature extractor + classifier + critic, adapted with NW, plain Wasserstein, DANN, or not at all.
 
     Each training batch is ``{"source": (x_s, y_s), "target": (x_t, ...)}`` (see

@@ -31,6 +31,7 @@ from pytorch_lightning.utilities.parsing import collect_init_args
 from torch import nn
 
 from lightning_robust.utils.batch import split_batch
+from lightning_robust.utils.checkpoint import WeightsOnlyLoadFromCheckpoint
 from lightning_robust.utils.validation import (
     check_choice,
     check_fraction,
@@ -97,7 +98,7 @@ def _is_primitive(value: Any) -> bool:
     return False
 
 
-class GAN(pl.LightningModule):
+class GAN(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ignore[misc]  # weights-only override
     """Generator + discriminator trained by alternating updates (manual optimization).
 
     Every training batch updates the discriminator once; every ``n_critic``-th batch also updates the

@@ -1,7 +1,13 @@
 """Utilities: feature hooks, batch adapters, safe checkpoint loading, argument checks, figures."""
 
 from lightning_robust.utils.batch import Batch, split_batch
-from lightning_robust.utils.checkpoint import CheckpointError, extract_state_dict, load_module, safe_load
+from lightning_robust.utils.checkpoint import (
+    CheckpointError,
+    WeightsOnlyLoadFromCheckpoint,
+    extract_state_dict,
+    load_module,
+    safe_load,
+)
 from lightning_robust.utils.feature_extractor import FeatureExtractor, resolve_layer
 from lightning_robust.utils.image_logging import log_image
 from lightning_robust.utils.params import count_parameters
@@ -12,6 +18,7 @@ __all__ = [
     "CheckpointError",
     "FeatureExtractor",
     "HFTokenizer",
+    "WeightsOnlyLoadFromCheckpoint",
     "WordVocabulary",
     "basic_tokenize",
     "count_parameters",

@@ -46,6 +46,48 @@ def test_failed_write_keeps_old_file_and_leaves_no_partial(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.slow  # the second process imports Lightning
+def test_concurrent_saves_to_one_path_keep_each_others_partial_files(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    mine, theirs = os.urandom(5000), os.urandom(3000)
+    real_fsync = os.fsync
+    other_saved: list[bool] = []
+
+    def fsync_then_another_process_saves(fd):
+        real_fsync(fd)
+        if not other_saved:
+            other_saved.append(True)
+            # This process's partial file is written but not yet renamed: a second process saves the same path.
+            script = ("import sys; from lightning_robust.callbacks.atomic_checkpoint_io import atomic_write_bytes; "
+                      "atomic_write_bytes(bytes.fromhex(sys.argv[2]), sys.argv[1])")
+            subprocess.run([sys.executable, "-c", script, str(target), theirs.hex()], check=True, cwd=REPO,
+                           timeout=300)
+            assert target.read_bytes() == theirs
+
+    monkeypatch.setattr(aio.os, "fsync", fsync_then_another_process_saves)
+    aio.atomic_write_bytes(mine, target)  # before unique partial names: FileNotFoundError at os.replace
+    assert other_saved and target.read_bytes() == mine  # the later rename wins, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_only_partials_of_dead_writers_are_removed(tmp_path):
+    target = tmp_path / "last.ckpt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    host = aio._host_tag()
+    of_dead = tmp_path / f".last.ckpt.partial-{host}-{int(dead.stdout)}-abc"
+    of_live = tmp_path / f".last.ckpt.partial-{host}-{os.getppid()}-abc"
+    foreign_new = tmp_path / ".last.ckpt.partial-otherhost-1-abc"
+    foreign_old = tmp_path / ".last.ckpt.partial-otherhost-2-abc"
+    for p in (of_dead, of_live, foreign_new, foreign_old):
+        p.write_bytes(b"half")
+    two_days_ago = os.path.getmtime(foreign_old) - 2 * 24 * 3600
+    os.utime(foreign_old, (two_days_ago, two_days_ago))
+    aio.atomic_write_bytes(b"whole", target)
+    assert target.read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", of_live.name, foreign_new.name])
+
+
 def test_checkpoint_io_round_trip_is_weights_only_loadable(tmp_path):
     ckpt = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 3, "name": "x"}
     AtomicCheckpointIO().save_checkpoint(ckpt, tmp_path / "a.ckpt")

@@ -14,7 +14,7 @@ from lightning_robust.callbacks import RNGStateCheckpoint
 from lightning_robust.callbacks.rng_state import _unpickle_state, capture_rng_state, restore_rng_state
 from lightning_robust.models import Classifier
 from lightning_robust.nets import MLP
-from lightning_robust.utils import safe_load
+from lightning_robust.utils import CheckpointError, safe_load
 from tests.helpers.ddp import ddp_trainer
 
 
@@ -47,6 +47,40 @@ def test_generator_state_blob_cannot_run_code(tmp_path):
     assert not (tmp_path / "pwned").exists()
     # Sanity: a legitimate state passes the restricted unpickler.
     assert _unpickle_state(torch.frombuffer(bytearray(pickle.dumps(random.getstate())), dtype=torch.uint8))
+
+
+class _FakeTrainer:
+    def __init__(self, rank: int, world: int) -> None:
+        self.global_rank, self.world_size = rank, world
+
+
+def _restore_as(rank: int, world: int, saved: dict) -> list[tuple]:
+    callback = RNGStateCheckpoint()
+    callback._trainer = _FakeTrainer(rank, world)  # type: ignore[assignment]
+    callback.load_state_dict(saved)
+    return [_draw() for _ in range(4)]
+
+
+def test_more_ranks_than_saved_warn_and_get_distinct_reproducible_states():
+    saved = {"ranks": [capture_rng_state()]}  # a 1-process checkpoint
+    expected_rank0 = [_draw() for _ in range(4)]
+    with pytest.warns(UserWarning, match=r"generator states of 1 rank\(s\), this run has 3.*Ranks 1\.\.2 get distinct"):
+        rank0 = _restore_as(0, 3, saved)
+    assert rank0 == expected_rank0  # the saved rank continues its own stream exactly
+    rank1, rank2 = _restore_as(1, 3, saved), _restore_as(2, 3, saved)
+    for gen in range(3):  # Python, NumPy and torch each differ between every pair of ranks
+        streams = [tuple(d[gen] for d in draws) for draws in (rank0, rank1, rank2)]
+        assert len(set(streams)) == 3, gen
+    assert _restore_as(1, 3, saved) == rank1  # resuming again with this world size gives the same streams
+
+
+def test_rng_checkpoint_without_ranks_is_a_clear_error():
+    callback = RNGStateCheckpoint()
+    for bad in ({"ranks": []}, {}, {"ranks": None}):
+        with pytest.raises(CheckpointError, match=r"holds no ranks.*state_dict\['ranks'\]"):
+            callback.load_state_dict(bad)
+    with pytest.raises(CheckpointError, match=r"state_dict\['ranks'\]\[0\] is not a generator state"):
+        callback.load_state_dict({"ranks": [{"torch": torch.get_rng_state()}]})
 
 
 class _SaveRanks(pl.Callback):
@@ -107,3 +141,41 @@ def test_dropout_resume_is_exact_only_with_the_callback(tmp_path, with_callback)
     resumed = _fit_dropout(tmp_path, 4, cbs(), ckpt_path=str(tmp_path / "mid.ckpt"))
     # The control: without the generator states, dropout masks after the resume differ.
     assert torch.equal(straight, resumed) is with_callback
+
+
+class _RankStreams(pl.Callback):
+    """After the resume's restore, every rank draws from its generators; rank 0 writes all ranks' draws."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        mine = torch.tensor([random.random(), float(np.random.rand()), float(torch.rand(()))],  # noqa: NPY002
+                            dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(mine).reshape(trainer.world_size, 3)
+        if trainer.global_rank == 0:
+            torch.save(gathered.cpu(), self.path)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_one_rank_checkpoint_resumed_on_two_ddp_ranks_gives_distinct_streams(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_robust.callbacks import AtomicCheckpointIO
+
+    data = DataLoader(TensorDataset(torch.rand(16, 1, 4, 4), torch.randint(0, 2, (16,))), batch_size=4)
+    ckpt, draws = tmp_path / "one.ckpt", tmp_path / "draws.pt"
+    single = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[RNGStateCheckpoint()])
+    single.fit(Classifier(MLP(16, 2, hidden=(4,))), data)
+    single.save_checkpoint(ckpt)
+    assert len(safe_load(ckpt)["callbacks"]["RNGStateCheckpoint"]["ranks"]) == 1
+    ddp_trainer(tmp_path, max_epochs=2, plugins=[AtomicCheckpointIO()],
+                callbacks=[RNGStateCheckpoint(), _RankStreams(str(draws))]).fit(
+        Classifier(MLP(16, 2, hidden=(4,))), data, ckpt_path=str(ckpt))
+    rank0, rank1 = torch.load(draws, weights_only=True)
+    # Python, NumPy and torch: rank 1 (which the checkpoint has no state for) draws its own numbers.
+    assert all(a != b for a, b in zip(rank0.tolist(), rank1.tolist(), strict=True)), (rank0, rank1)
+
