@@ -84,8 +84,8 @@ def project_color_grid(offsets: torch.Tensor, color_space_name: str, bounds: tor
     The last clamp can move a point out of the gamut again where the gamut is narrower than the bound
     (near black, or at nodes whose box around them holds no sRGB colour at all); then the point is the
     nearest point of the box to an in-gamut colour. What always holds: every offset is within its bound,
-    and every control point ``p`` is the box-clamp of the in-gamut colour ``from_rgb(to_rgb(p'))`` of its
-    unprojected position ``p'``.
+    and every control point ``p`` is the box-clamp (the nearest point of the box) of the in-gamut colour
+    ``from_rgb(to_rgb(clamp_[0,1](p')))`` of its unprojected position ``p'``.
 
     Args:
         offsets: ``θ`` ``[B, 3, R0, R1, R2]``.
