@@ -153,7 +153,7 @@ def _table(runs: list[dict[str, torch.Tensor]], title: str) -> str:
 
 def run(quick: bool = False) -> str:
     x, y = load_digits_tensors(8, 3)
-    n = 16 if quick else 24
+    n = 16 if quick else 48
     epochs = 2 if quick else 16
     steps = 10 if quick else 50
     seeds = DEFAULT_SEEDS[:1] if quick else DEFAULT_SEEDS
