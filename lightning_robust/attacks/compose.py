@@ -32,6 +32,8 @@ class Compose(FunctionalAttack):
             StAdv, PGD).
         steps, lr, optimizer, random_start: the joint optimizer (paper: 100 Adam steps, lr 0.001).
         loss: ``"cw"`` (paper) or ``"ce"``.
+        keep_best: ``"regularized"`` (authors' code) or ``"success"``; see
+            :class:`~lightning_robust.attacks.FunctionalAttack`.
         targeted, model_mode, kappa, low, high: as in :class:`~lightning_robust.attacks.Attack`.
 
     Raises:
@@ -55,9 +57,11 @@ class Compose(FunctionalAttack):
         kappa: float = float("inf"),
         low: float = 0.0,
         high: float = 1.0,
+        keep_best: str = "regularized",
     ) -> None:
         super().__init__(steps=steps, lr=lr, optimizer=optimizer, random_start=random_start, loss=loss,
-                         targeted=targeted, model_mode=model_mode, kappa=kappa, low=low, high=high)
+                         targeted=targeted, model_mode=model_mode, kappa=kappa, low=low, high=high,
+                         keep_best=keep_best)
         attacks = list(attacks)
         if not attacks:
             raise ValueError("attacks must hold at least one perturbation, got an empty list")

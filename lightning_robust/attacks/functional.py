@@ -7,11 +7,12 @@ keeps the function smooth. The attack solves
     max_θ  L_adv(f(g(x; θ)), y) - λ R(θ)      subject to  θ ∈ Θ,
 
 with Adam (the paper: 100 steps, learning rate 0.001) or signed-gradient steps, projecting ``θ`` back
-onto ``Θ`` after every step and keeping, per sample, the best iterate (a successful one over a failed
-one, then the higher objective). :class:`Perturbation` is the interface of one such component
-(ReColorAdv's colour grid, StAdv's flow field, PGD's additive delta); :func:`optimize_perturbations`
-optimizes a chain of them jointly, which is how :class:`~lightning_robust.attacks.Compose` builds the
-paper's strongest attack, ReColorAdv + StAdv + delta.
+onto ``Θ`` after every step and keeping, per sample, the best iterate: by default the one with the
+highest regularized objective, as the authors' code does (``keep_best="regularized"``), or a successful
+one over a failed one, then the higher objective (``keep_best="success"``). :class:`Perturbation` is
+the interface of one such component (ReColorAdv's colour grid, StAdv's flow field, PGD's additive
+delta); :func:`optimize_perturbations` optimizes a chain of them jointly, which is how
+:class:`~lightning_robust.attacks.Compose` builds the paper's strongest attack, ReColorAdv + StAdv + delta.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from lightning_robust.attacks.base import Attack
 from lightning_robust.attacks.threat import ThreatModel
 from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int
 
-__all__ = ["OPTIMIZERS", "FunctionalAttack", "Perturbation", "apply_chain", "neighbour_smoothness",
+__all__ = ["KEEP_BEST", "OPTIMIZERS", "FunctionalAttack", "Perturbation", "apply_chain", "neighbour_smoothness",
            "optimize_perturbations"]
 
 OPTIMIZERS = ("adam", "sign")
+KEEP_BEST = ("regularized", "success")
 
 
 class _NeighbourSmoothness(torch.autograd.Function):
@@ -155,14 +157,24 @@ def optimize_perturbations(
     optimizer: str = "adam",
     random_start: bool = False,
     generator: torch.Generator | None = None,
+    keep_best: str = "regularized",
 ) -> torch.Tensor:
     """Jointly optimize the parameters of a chain of perturbations; return the best perturbed inputs.
 
     Maximizes ``objective(logits, y) - Σ_k λ_k R_k(θ_k)`` per sample over ``steps`` steps of Adam
     (``optimizer="adam"``, learning rate ``lr``) or signed gradient ascent (``"sign"``, step ``lr``),
-    projecting each ``θ_k`` after every step. Every iterate (the start included) is scored; per sample
-    the successful iterate with the highest regularized objective wins, else the failed one with the
-    highest attack objective. Gradients flow to the parameters only, through ``torch.autograd.grad``.
+    projecting each ``θ_k`` after every step. Every iterate (the start included) is scored, and per
+    sample one is returned:
+
+    * ``keep_best="regularized"`` (the authors' code, ``keep_best=True`` of mister_ed's PGD): the iterate
+      with the highest regularized objective, successful or not. A successful iterate with a rough
+      function can lose to a smoother failed one; it never loses to the identity start, since the
+      penalty is smallest there. (mister_ed scores the parameters *before* each step but stores those
+      *after* it; here each iterate is stored with its own score.)
+    * ``keep_best="success"``: a successful iterate beats a failed one; among successes the highest
+      regularized objective wins, among failures the highest attack objective.
+
+    Gradients flow to the parameters only, through ``torch.autograd.grad``.
 
     Args:
         model: maps inputs to logits (already in the mode the caller wants).
@@ -170,9 +182,11 @@ def optimize_perturbations(
         components: the perturbations, applied in order.
         objective: per-sample attack objective to maximize, ``(logits, y) -> [B]``.
         success: per-sample success, ``(logits, y) -> BoolTensor[B]``.
-        steps, lr, optimizer, random_start, generator: as described above.
+        steps, lr, optimizer, random_start, generator, keep_best: as described above.
     """
     check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_choice("keep_best", keep_best, KEEP_BEST)
+    by_success = keep_best == "success"
     params = [c.init_params(x, random_start, generator).detach() for c in components]
     _project_chain(components, x, params)
     for p in params:
@@ -189,16 +203,20 @@ def optimize_perturbations(
             if comp.smoothness_weight:
                 total = total - comp.smoothness_weight * comp.regularizer(p)
         with torch.no_grad():
-            ok = success(logits, y)
-            # A success beats a failure; among successes the smoothest (highest regularized objective)
-            # wins, among failures the strongest (highest attack loss): the penalty guides the search but
-            # must not make a failed attack fall back to the identity.
-            score = torch.where(ok, total.detach(), adversarial.detach())
-            better = (ok & ~best_success) | ((ok == best_success) & (score > best_obj))
+            if by_success:
+                ok = success(logits, y)
+                # A success beats a failure; among successes the smoothest (highest regularized
+                # objective) wins, among failures the strongest (highest attack loss): the penalty guides
+                # the search but must not make a failed attack fall back to the identity.
+                score = torch.where(ok, total.detach(), adversarial.detach())
+                better = (ok & ~best_success) | ((ok == best_success) & (score > best_obj))
+                best_success |= ok
+            else:
+                score = total.detach()
+                better = score > best_obj
             for b, p in zip(best, params):
                 b[better] = p.detach()[better]
             best_obj = torch.where(better, score, best_obj)
-            best_success |= ok
         if step == steps:
             break
         grads = torch.autograd.grad(total.sum(), params)
@@ -223,12 +241,16 @@ class FunctionalAttack(Attack):
         lr: Adam learning rate, or the step of signed gradient ascent (the paper: 0.001 with Adam).
         optimizer: ``"adam"`` (the paper) or ``"sign"``.
         random_start: start from a random feasible function instead of the identity.
+        keep_best: which iterate each sample returns: ``"regularized"`` (the authors' code: the highest
+            regularized objective) or ``"success"`` (a successful iterate first); see
+            :func:`optimize_perturbations`.
         loss: ``"cw"`` (the paper's Carlini-Wagner margin, uncapped) or ``"ce"``.
         targeted, model_mode, kappa: as in :class:`~lightning_robust.attacks.Attack`.
         low, high: input value bounds.
 
     Raises:
-        ValueError: on zero steps, a non-positive learning rate or an unknown optimizer or loss.
+        ValueError: on zero steps, a non-positive learning rate or an unknown optimizer, loss or
+            ``keep_best`` rule.
     """
 
     def __init__(
@@ -243,9 +265,11 @@ class FunctionalAttack(Attack):
         kappa: float = float("inf"),
         low: float = 0.0,
         high: float = 1.0,
+        keep_best: str = "regularized",
     ) -> None:
         super().__init__(ThreatModel("none", 0.0, low, high), loss=loss, targeted=targeted, model_mode=model_mode,
                          kappa=kappa)
+        self.keep_best = check_choice("keep_best", keep_best, KEEP_BEST)
         self.steps = check_positive_int("steps", steps)
         self.lr = float(check_positive("lr", lr))
         self.optimizer = check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -262,4 +286,5 @@ class FunctionalAttack(Attack):
                 generator: torch.Generator | None) -> torch.Tensor:
         return optimize_perturbations(model, x, y, self.components(), self.loss_per_sample, self.is_successful,
                                       steps=self.steps, lr=self.lr, optimizer=self.optimizer,
-                                      random_start=self.random_start, generator=generator)
+                                      random_start=self.random_start, generator=generator,
+                                      keep_best=self.keep_best)

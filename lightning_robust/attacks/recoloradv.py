@@ -3,14 +3,33 @@
 Every pixel's colour ``c`` (in a colour space, CIELUV by default) goes through the same function
 ``f(c) = c + Δ(c)``, where ``Δ`` is the trilinear interpolation of offsets ``θ`` stored on a regular grid
 of control points over the unit colour cube (paper default 16 x 32 x 32 for L x u x v). The threat model
-bounds each channel of each offset, ``|θ_{ijk,c}| <= ε_c`` (paper default 0.06), keeps every moved control
-point inside the cube, and the attack maximizes the Carlini-Wagner margin minus ``λ`` (0.05) times the
-smoothness ``Σ_{neighbours g, h} ||θ_g - θ_h||_2``, with 100 Adam steps at learning rate 0.001.
+bounds each channel of each offset, ``|θ_{ijk,c}| <= ε_c`` (paper default 0.06), and the attack maximizes
+the Carlini-Wagner margin minus ``λ`` (0.05) times the smoothness ``Σ_{neighbours g, h} ||θ_g - θ_h||_2``,
+with 100 Adam steps at learning rate 0.001, returning the iterate with the highest regularized objective.
 
-Because ``Δ`` is a convex combination of offsets, ``|f(c) - c|_c <= ε_c`` holds for every colour, not only
-at the control points. Colours outside the cube (a few saturated sRGB colours have u* > 100 or v* < -100)
-take the offset of the nearest point of the cube, so the zero grid is the identity for every colour (the
-authors' code clamps such colours onto the cube instead, which moves them even at the identity grid).
+After every step the control points are projected as in the authors' code (``FullSpatial.project_params``):
+each moved point ``n + θ`` is clamped to the cube, sent to sRGB, clipped to the gamut and brought back
+(:func:`project_color_grid`), and only then is its offset clamped to the bound. Without the gamut step a
+control point may sit on a colour that does not exist, e.g. near black with a large chroma, whose
+conversion to RGB is far from anything within the bound (black became bright blue with every offset
+within 0.06). ``gamut_projection=False`` keeps the moved points inside the cube instead.
+
+What the result guarantees:
+
+* every offset is within its bound, and since ``Δ`` is a convex combination of offsets,
+  ``|f(c) - c|_c <= ε_c`` for every colour, in the colour space's coordinates;
+* every control point is the point of its bound's box nearest to an in-gamut colour (the round trip's
+  output); where that colour lies inside the box, the control point *is* that colour, so a pixel whose
+  colour sits on that node is recoloured to a real colour within the bound;
+* the output pixel is ``to_rgb(f(c))``, clipped to the gamut. Where ``f(c)`` lies outside the gamut
+  (the bound's clamp pushed a control point back out, or the interpolation between in-gamut points left
+  the non-convex gamut), the clip can move the colour somewhat beyond the bound: the guarantee in CIELUV
+  is exact for ``f(c)``, not for the clipped pixel.
+
+Colours outside the cube (a few saturated sRGB colours have u* > 100 or v* < -100) take the offset of the
+nearest point of the cube. With the gamut projection on, nodes outside the gamut are moved by the
+projection even at the zero grid, so the starting function already recolours a few saturated colours
+slightly (as in the authors' code); the unprojected zero grid is the identity for every colour.
 """
 
 from __future__ import annotations
@@ -20,11 +39,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lightning_robust.attacks.color_spaces import COLOR_SPACES, clip, color_space
+from lightning_robust.attacks.color_spaces import COLOR_SPACES, cieluv_to_rgb, clip, color_space, rgb_to_cieluv
 from lightning_robust.attacks.functional import FunctionalAttack, Perturbation, neighbour_smoothness
 from lightning_robust.utils.validation import check_choice, check_non_negative, check_positive_int
 
-__all__ = ["ReColorAdv", "apply_color_offsets", "color_grid_smoothness", "grid_node_positions"]
+__all__ = ["ReColorAdv", "apply_color_offsets", "color_grid_smoothness", "grid_node_positions",
+           "project_color_grid"]
 
 
 def grid_node_positions(resolution: Sequence[int], device: torch.device | None = None,
@@ -54,6 +74,38 @@ def apply_color_offsets(c: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return c + delta.squeeze(2)
 
 
+def project_color_grid(offsets: torch.Tensor, color_space_name: str, bounds: torch.Tensor) -> torch.Tensor:
+    """The authors' projection of the grid offsets (``FullSpatial.project_params`` of the ReColorAdv code).
+
+    Each moved control point ``p = n + θ`` (``n`` its node) is clamped to the unit cube, projected into
+    the sRGB gamut by a round trip through RGB, ``p ← from_rgb(clip_[0,1](to_rgb(p)))``, and then its
+    offset is clamped per channel to the bound, ``θ ← clamp(p - n, -ε, ε)``.
+
+    The last clamp can move a point out of the gamut again where the gamut is narrower than the bound
+    (near black, or at nodes whose box around them holds no sRGB colour at all); then the point is the
+    nearest point of the box to an in-gamut colour. What always holds: every offset is within its bound,
+    and every control point ``p`` is the box-clamp (the nearest point of the box) of the in-gamut colour
+    ``from_rgb(to_rgb(clamp_[0,1](p')))`` of its unprojected position ``p'``.
+
+    Args:
+        offsets: ``θ`` ``[B, 3, R0, R1, R2]``.
+        color_space_name: the space the grid lives in.
+        bounds: per-channel bounds broadcastable to ``offsets`` (``[1, 3, 1, 1, 1]``).
+    """
+    nodes = grid_node_positions(offsets.shape[2:], offsets.device, offsets.dtype).unsqueeze(0)
+    points = (nodes + offsets).clamp(0.0, 1.0)
+    # The conversions work on [B, 3, ...] tensors of any trailing shape, so the grid goes through as is.
+    if color_space_name == "cieluv":
+        # Every step converts the whole grid (49k points per image at the paper's resolution) twice: in
+        # the grid's own precision this is ~4x faster than the float64 default, and the final clamp
+        # keeps the bound exact whatever the rounding of the round trip.
+        points = rgb_to_cieluv(cieluv_to_rgb(points, widen=False), widen=False)
+    else:
+        from_rgb, to_rgb = color_space(color_space_name)
+        points = from_rgb(to_rgb(points))
+    return torch.minimum(torch.maximum(points - nodes, -bounds), bounds)
+
+
 def color_grid_smoothness(offsets: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """The paper's smoothness penalty, per sample: ``Σ_g Σ_{h ∈ N(g)} sqrt(||θ_g - θ_h||² + eps)``.
 
@@ -76,10 +128,15 @@ class ReColorAdv(FunctionalAttack, Perturbation):
         steps, lr, optimizer, random_start: the optimizer (paper: 100 Adam steps, lr 0.001, no random start).
         loss: ``"cw"`` (paper: Carlini-Wagner margin without a confidence cap) or ``"ce"``.
         targeted, model_mode, kappa, low, high: as in :class:`~lightning_robust.attacks.Attack`.
+        gamut_projection: project the moved control points into the sRGB gamut before the bound, as the
+            authors' code does (default); ``False`` keeps them inside the unit cube instead.
+        keep_best: ``"regularized"`` (authors' code: the iterate with the highest regularized objective)
+            or ``"success"`` (a successful iterate over a failed one); see
+            :func:`~lightning_robust.attacks.optimize_perturbations`.
 
     Raises:
-        ValueError: on a negative bound, a resolution below 2, an unknown colour space, or images without
-            exactly three channels (at call time).
+        ValueError: on a negative bound, a resolution below 2, an unknown colour space or ``keep_best``
+            rule, or images without exactly three channels (at call time).
 
     Example:
         >>> attack = ReColorAdv()                      # the paper's settings
@@ -102,9 +159,13 @@ class ReColorAdv(FunctionalAttack, Perturbation):
         kappa: float = float("inf"),
         low: float = 0.0,
         high: float = 1.0,
+        gamut_projection: bool = True,
+        keep_best: str = "regularized",
     ) -> None:
         super().__init__(steps=steps, lr=lr, optimizer=optimizer, random_start=random_start, loss=loss,
-                         targeted=targeted, model_mode=model_mode, kappa=kappa, low=low, high=high)
+                         targeted=targeted, model_mode=model_mode, kappa=kappa, low=low, high=high,
+                         keep_best=keep_best)
+        self.gamut_projection = bool(gamut_projection)
         bounds = [eps] * 3 if isinstance(eps, (int, float)) else list(eps)
         if len(bounds) != 3:
             raise ValueError(f"eps must be one number or three (one per colour channel), got {eps!r}")
@@ -155,8 +216,10 @@ class ReColorAdv(FunctionalAttack, Perturbation):
         return cache[key]
 
     def project_params(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        lower, upper = self._box(params)
-        return torch.minimum(torch.maximum(params, lower), upper)
+        if not self.gamut_projection:
+            lower, upper = self._box(params)
+            return torch.minimum(torch.maximum(params, lower), upper)
+        return project_color_grid(params, self.color_space, self._bounds(params))
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         from_rgb, to_rgb = color_space(self.color_space)
