@@ -80,8 +80,9 @@ def run(quick: bool = False) -> str:
     x_tr, y_tr, x_te, y_te = x[:1400], y[:1400], x[1400:], y[1400:]
     if quick:  # a smoke run of every code path
         x_tr, y_tr = x_tr[:128], y_tr[:128]
-    epochs = 1 if quick else 5
-    n_eval = 8 if quick else 100
+    # 8 epochs: at 4, λ = 500 left the net at about 0.28 test accuracy (its maps were stable for that reason).
+    epochs = 1 if quick else 8
+    n_eval = 8 if quick else 64
     seeds = DEFAULT_SEEDS[:2] if quick else DEFAULT_SEEDS
     configs = [
         ("standard training", dict(saliency_weight=0.0)),
@@ -128,11 +129,14 @@ def run(quick: bool = False) -> str:
     std_name = configs[0][0]
     verdicts = []
     for name, _ in configs[1:]:
+        drop = statistics.fmean(r[std_name]["acc"] - r[name]["acc"] for r in runs)
+        caveat = (" Clean accuracy fell by more than 0.1: a flatter, less accurate model has stabler maps for "
+                  "that reason alone, so this overlap gain is not evidence for the method." if drop > 0.1 else "")
         verdicts.append(
             f"- {name} minus standard training, paired over seeds: worst-case overlap "
             f"{paired(name, std_name, worst)}; random search {paired(name, std_name, attack_names[4])}; "
             f"authors' budget at β=10 {paired(name, std_name, attack_names[1])}; clean accuracy "
-            f"{paired(name, std_name, 'acc')}.")
+            f"{paired(name, std_name, 'acc')}.{caveat}")
     return (
         f"#### Interpretation-regularized vs standard training under attacks it was not trained against "
         f"(SmallCNN, {len(y_tr)} training digits, {epochs} epochs, Adam 2e-3; top-k overlap, k = 25% of the 64 "
@@ -141,8 +145,8 @@ def run(quick: bool = False) -> str:
         "(the authors train with 15 / 3 / 100: `TopKSaliencyAttack()`'s defaults, used by "
         "`configs/interpretation_mnist.yaml`; at that budget training costs about 9x more, beyond this CPU "
         "run). Overlap is averaged over all images (an image the attack could not move counts as 1). The "
-        "paper's Appendix D (MNIST, 28x28) reports the overlap rising with λ; the PGD adversarial-training "
-        "row of earlier runs is left out for time.\n\n"
+        "paper's Appendix D (MNIST, 28x28) reports the overlap rising with λ while accuracy drops slightly. "
+        "The PGD adversarial-training row of earlier runs is left out for time.\n\n"
         + markdown_table(["training", "clean test accuracy", *cols[1:-1], "train seconds"], rows)
         + "\n\n" + "\n".join(verdicts)
     )
