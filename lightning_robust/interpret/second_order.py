@@ -361,8 +361,8 @@ def group_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = N
     in units of ``λ_max(H)`` (weight ``λ₂ · λ_max``, plus ``λ_max`` with ``shift``), so the Hessian term keeps
     the same weight relative to the L2 term whatever the scale of ``H``. That scale shrinks like ``1 - p_max``
     for confident predictions: with a fixed ``λ₂`` CASO tends to CAFO there for that reason alone, while
-    with a relative ``λ₂`` and ``λ₁ = 0`` CASO is parallel to CAFO exactly when ``H`` is rank one along the
-    gradient (the paper's Theorem 2), so ``cos(CASO, CAFO)`` tests that claim.
+    with a relative ``λ₂`` and ``λ₁ = 0`` CASO is parallel to CAFO exactly when the gradient is an eigenvector
+    of ``H`` (as when ``H`` is rank one along it, the paper's Theorem 2), so ``cos(CASO, CAFO)`` tests that.
 
     CAFO (``H = 0``) has the closed form ``soft_threshold(g, λ₁) / λ₂`` (its L2 weight: ``λ₂``, or
     ``λ₂ · λ_max(H)`` with ``lambda2_relative``); with ``closed_form=False`` it runs the same ``n_iter``
