@@ -130,8 +130,9 @@ def run(quick: bool = False) -> str:
     verdicts = []
     for name, _ in configs[1:]:
         drop = statistics.fmean(r[std_name]["acc"] - r[name]["acc"] for r in runs)
-        caveat = (" Clean accuracy fell by more than 0.1: a flatter, less accurate model has stabler maps for "
-                  "that reason alone, so this overlap gain is not evidence for the method." if drop > 0.1 else "")
+        caveat = (" Clean accuracy fell by more than 0.1: a flatter, less accurate model can have stabler maps "
+                  "for that reason alone, so this gain does not separate the method from the accuracy loss."
+                  if drop > 0.1 else "")
         verdicts.append(
             f"- {name} minus standard training, paired over seeds: worst-case overlap "
             f"{paired(name, std_name, worst)}; random search {paired(name, std_name, attack_names[4])}; "
