@@ -5,7 +5,7 @@ top-k saliency attack. Singla, Wallace, Feng & Feizi (arXiv 1902.00407): the clo
 ReLU networks, its spectrum, and CASO/CAFO group-feature explanations.
 """
 
-from lightning_robust.interpret.attack import TopKSaliencyAttack, topk_saliency_mass
+from lightning_robust.interpret.attack import RandomSearchSaliencyAttack, TopKSaliencyAttack, topk_saliency_mass
 from lightning_robust.interpret.saliency import (
     certified_topk_intersection,
     gradient_saliency,
@@ -33,6 +33,7 @@ from lightning_robust.interpret.softplus import softplus_surrogate
 
 __all__ = [
     "HessianEigen",
+    "RandomSearchSaliencyAttack",
     "TopKSaliencyAttack",
     "caso_solve",
     "certified_topk_intersection",

@@ -4,6 +4,10 @@ Ghorbani, Abid & Zou (2019, arXiv 1710.10547) move the input so that the pixels 
 lose their share of the saliency map while the predicted class stays the same. Levine, Singla & Feizi
 (arXiv 1905.12105, Appendix D) use an L2 version of it both to evaluate interpretation robustness and
 inside interpretation-regularized adversarial training; this is that attack.
+
+:class:`RandomSearchSaliencyAttack` pursues the same objective without any gradient of it: a defence
+trained against the gradient attack cannot mask what a random search finds (Athalye et al., arXiv
+1802.00420, on gradient masking), so it is the independent check on interpretation-regularized training.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from lightning_robust.attacks.base import Attack
 from lightning_robust.attacks.threat import ThreatModel
 from lightning_robust.interpret.saliency import topk_mask
 from lightning_robust.interpret.softplus import softplus_surrogate
-from lightning_robust.utils.validation import check_fraction, check_positive, check_positive_int
+from lightning_robust.utils.validation import check_choice, check_fraction, check_positive, check_positive_int
 
-__all__ = ["TopKSaliencyAttack", "topk_saliency_mass"]
+__all__ = ["RandomSearchSaliencyAttack", "TopKSaliencyAttack", "topk_saliency_mass"]
 
 
 def topk_saliency_mass(saliency: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -181,4 +185,97 @@ class TopKSaliencyAttack(Attack):
                 step = torch.where(ok, step, torch.zeros_like(step)) * (i + 1) / (i + 2)
                 cur = new
             consider(cur, found)
+        return best
+
+
+class RandomSearchSaliencyAttack(Attack):
+    """Gradient-free top-k saliency attack: the best of ``draws`` random points on the L2 sphere.
+
+    Each draw is a Gaussian direction scaled to length ``eps`` (``radius="sphere"``) or to a length
+    ``eps · U^{1/d}`` (``radius="ball"``: uniform in the ball), added to ``x`` and clipped to the image box.
+    Among the draws that keep the predicted class, the one with the smallest saliency mass on the original
+    top-k pixels (:func:`topk_saliency_mass` of the plain input gradient of the predicted logit) is
+    returned, where it beats ``x`` itself; so ``mass(x_adv) <= mass(x)`` always, and with one ``generator``
+    seed more draws never do worse (the first draws are the same). It takes no gradient of the objective,
+    hence no softplus surrogate and nothing for gradient masking to hide.
+
+    Args:
+        eps: L2 radius in pixel units (> 0).
+        k: number of top pixels attacked; default ``max(1, ⌊k_fraction · d⌋)``.
+        k_fraction: used when ``k`` is None (the paper: 0.25).
+        draws: random points per sample (> 0).
+        radius: ``"sphere"`` (all draws at distance ``eps`` before clipping) or ``"ball"``.
+        batch_draws: draws evaluated per forward/backward pass, for memory.
+        model_mode, low, high: as in :class:`~lightning_robust.attacks.Attack` / ``ThreatModel``.
+
+    Raises:
+        ValueError: on a non-positive eps, zero draws, an unknown radius or a fraction outside (0, 1].
+
+    Example:
+        >>> attack = RandomSearchSaliencyAttack(eps=1.0, draws=300)
+        >>> x_adv = attack(net, x, y, generator=torch.Generator().manual_seed(0))
+    """
+
+    def __init__(self, eps: float = 1.0, k: int | None = None, k_fraction: float = 0.25, draws: int = 300,
+                 radius: str = "sphere", batch_draws: int = 16, model_mode: str = "eval", low: float = 0.0,
+                 high: float = 1.0) -> None:
+        check_positive("eps", eps)
+        if k is not None:
+            check_positive_int("k", k)
+        check_fraction("k_fraction", k_fraction, inclusive_low=False, inclusive_high=True)
+        check_positive_int("draws", draws)
+        check_positive_int("batch_draws", batch_draws)
+        check_choice("radius", radius, ("sphere", "ball"))
+        super().__init__(ThreatModel("l2", eps, low, high), loss="ce", targeted=False, model_mode=model_mode)
+        self.k = k
+        self.k_fraction = float(k_fraction)
+        self.draws = draws
+        self.radius = radius
+        self.batch_draws = batch_draws
+
+    def num_top(self, d: int) -> int:
+        """The ``k`` used for inputs with ``d`` features."""
+        k = self.k if self.k is not None else max(1, int(self.k_fraction * d))
+        if k > d:
+            raise ValueError(f"k must be at most the number of input features {d}, got {k}")
+        return k
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                generator: torch.Generator | None) -> torch.Tensor:
+        B, d = x.shape[0], x[0].numel()
+        tiny = torch.finfo(x.dtype).tiny
+        noise_device = generator.device if generator is not None else x.device
+
+        def saliency_and_pred(z: torch.Tensor, cls: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            zr = z.detach().requires_grad_(True)
+            logits = model(zr)
+            pred = logits.argmax(1)
+            target = pred if cls is None else cls.repeat(z.shape[0] // cls.shape[0])
+            (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), zr)
+            return g.detach(), pred.detach()
+
+        g0, cls = saliency_and_pred(x, None)
+        mask = topk_mask(g0, self.num_top(d))
+        best = x.clone()
+        best_score = topk_saliency_mass(g0, mask)
+        done = 0
+        while done < self.draws:
+            n = min(self.batch_draws, self.draws - done)
+            u = torch.randn((n, *x.shape), generator=generator, device=noise_device, dtype=x.dtype).to(x.device)
+            u = u / u.flatten(2).norm(dim=2).clamp_min(tiny).view(n, B, *([1] * (x.ndim - 1)))
+            if self.radius == "ball":
+                r = torch.rand((n, B), generator=generator, device=noise_device, dtype=x.dtype).to(x.device)
+                u = u * r.pow(1.0 / d).view(n, B, *([1] * (x.ndim - 1)))
+            xs = x.repeat(n, *([1] * (x.ndim - 1)))  # draw-major: row j * B + b is draw j of sample b
+            cand = self.threat.project(xs + self.eps * u.reshape(n * B, *x.shape[1:]), xs)
+            g, pred = saliency_and_pred(cand, cls)
+            score = topk_saliency_mass(g, mask.repeat(n, 1)).view(n, B)
+            keep = (pred == cls.repeat(n)).view(n, B)
+            score = torch.where(keep, score, torch.full_like(score, float("inf")))
+            low, idx = score.min(0)
+            better = low < best_score
+            chosen = cand.view(n, B, *x.shape[1:])[idx, torch.arange(B, device=x.device)]
+            best[better] = chosen[better]
+            best_score = torch.where(better, low, best_score)
+            done += n
         return best

@@ -287,7 +287,7 @@ def _soft_threshold(v: torch.Tensor, thresh: torch.Tensor | float) -> torch.Tens
 
 
 def caso_solve(grad: torch.Tensor, hvp: MatVec | None, lambda1: float, lambda2: torch.Tensor | float,
-               n_iter: int = 10, lr: float = 0.05, init: torch.Tensor | None = None,
+               n_iter: int = 10, lr: torch.Tensor | float = 0.05, init: torch.Tensor | None = None,
                max_backtracks: int = 40) -> torch.Tensor:
     """Maximize ``gᵀΔ + ½ ΔᵀHΔ - (λ₂/2)||Δ||² - λ₁||Δ||₁`` per row by accelerated proximal gradient.
 
@@ -302,7 +302,7 @@ def caso_solve(grad: torch.Tensor, hvp: MatVec | None, lambda1: float, lambda2: 
         lambda1: L1 weight (>= 0).
         lambda2: L2 weight, a number or a ``[B]`` tensor (must exceed ``H``'s top eigenvalue for concavity).
         n_iter: proximal iterations (the paper uses 10).
-        lr: initial step size of each line search.
+        lr: initial step size of each line search, a number or a ``[B]`` tensor.
         init: starting point (default zeros, as in the paper).
 
     Returns:
@@ -310,9 +310,14 @@ def caso_solve(grad: torch.Tensor, hvp: MatVec | None, lambda1: float, lambda2: 
     """
     check_non_negative("lambda1", lambda1)
     check_positive_int("n_iter", n_iter)
-    check_positive("lr", lr)
+    if isinstance(lr, torch.Tensor):
+        if not bool((lr > 0).all()) or not bool(torch.isfinite(lr).all()):
+            raise ValueError("lr must hold positive finite numbers")
+    else:
+        check_positive("lr", lr)
     g = grad.detach().flatten(1)
     l2 = torch.as_tensor(lambda2, dtype=g.dtype, device=g.device).expand(g.shape[0])[:, None]
+    lr0 = torch.as_tensor(lr, dtype=g.dtype, device=g.device).expand(g.shape[0])[:, None]
 
     def smooth(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hd = hvp(d) if hvp is not None else torch.zeros_like(d)
@@ -325,7 +330,7 @@ def caso_solve(grad: torch.Tensor, hvp: MatVec | None, lambda1: float, lambda2: 
         v = b + (k - 2) / (k + 1) * (b - b_prev)
         f_v, grad_v = smooth(v)
         b_prev = b
-        t = torch.full((g.shape[0], 1), float(lr), dtype=g.dtype, device=g.device)
+        t = lr0.clone()
         new = _soft_threshold(v - t * grad_v, t * lambda1)
         pending = torch.ones(g.shape[0], dtype=torch.bool, device=g.device)
         for _ in range(max_backtracks):
@@ -341,40 +346,60 @@ def caso_solve(grad: torch.Tensor, hvp: MatVec | None, lambda1: float, lambda2: 
     return b
 
 
-def group_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, lambda1: float = 1e-5,
+def group_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, lambda1: float = 1e-4,
                    lambda2: float = 4.0, second_order: bool = True, n_iter: int = 10, lr: float = 0.05,
-                   hessian: str = "relu", shift: bool = True, smooth_samples: int = 0, sigma: float = 0.15,
-                   generator: torch.Generator | None = None, batch_size: int = 1024) -> torch.Tensor:
+                   hessian: str = "relu", shift: bool = True, lambda2_relative: bool = False,
+                   closed_form: bool = True, smooth_samples: int = 0, sigma: float = 0.15,
+                   sigma_relative: bool = True, generator: torch.Generator | None = None,
+                   batch_size: int = 1024) -> torch.Tensor:
     """CASO (``second_order=True``) or CAFO (``False``) group-feature explanations (arXiv 1902.00407).
 
     ``Δ* = argmax_Δ gᵀΔ + ½ ΔᵀHΔ - (λ₂/2)||Δ||² - λ₁||Δ||₁`` for the cross-entropy loss of class ``y`` at ``x``
-    (the predicted class by default), solved by :func:`caso_solve`. With ``shift`` (the authors' code), the
-    L2 weight becomes ``λ₂ + λ_max(H)`` so the objective is strictly concave. CAFO (``H = 0``) has the
-    closed form ``soft_threshold(g, λ₁) / λ₂``. With ``smooth_samples > 0`` the gradient and Hessian are
-    averaged over that many Gaussian perturbations of ``x`` (the paper's smoothed CASO).
+    (the predicted class by default), solved by :func:`caso_solve`. The L2 weight is set against the
+    Hessian's top eigenvalue ``λ_max(H)``: with ``shift`` (the authors' code, the default) it becomes
+    ``λ₂ + λ_max(H)`` so the objective is strictly concave; with ``lambda2_relative`` the given ``λ₂`` is
+    in units of ``λ_max(H)`` (weight ``λ₂ · λ_max``, plus ``λ_max`` with ``shift``), so the Hessian term keeps
+    the same weight relative to the L2 term whatever the scale of ``H``. That scale shrinks like ``1 - p_max``
+    for confident predictions: with a fixed ``λ₂`` CASO tends to CAFO there for that reason alone, while
+    with a relative ``λ₂`` and ``λ₁ = 0`` CASO is parallel to CAFO exactly when the gradient is an eigenvector
+    of ``H`` (as when ``H`` is rank one along it, the paper's Theorem 2), so ``cos(CASO, CAFO)`` tests that.
+
+    CAFO (``H = 0``) has the closed form ``soft_threshold(g, λ₁) / λ₂`` (its L2 weight: ``λ₂``, or
+    ``λ₂ · λ_max(H)`` with ``lambda2_relative``); with ``closed_form=False`` it runs the same ``n_iter``
+    proximal iterations as CASO instead (as the authors' code does), for comparisons at an equal iteration
+    budget. With ``smooth_samples > 0`` the gradient and Hessian are averaged over that many Gaussian
+    perturbations of ``x`` (the paper's smoothed CASO; the authors' command line smooths with 16), of
+    standard deviation ``sigma`` times each input's range ``max(x) - min(x)`` (the authors' ``stddev_spread``)
+    or, with ``sigma_relative=False``, ``sigma`` itself. Defaults follow the authors' code
+    (singlasahil14/CASO): ``λ₁ = 1e-4``, ``λ₂ = 4`` shifted by ``λ_max``, 10 iterations from step 0.05,
+    ``σ = 0.15 ×`` range.
 
     Args:
         model: the classifier.
         x: inputs ``[B, ...]``.
         y: classes to explain (``None``: predictions at ``x``).
         lambda1: L1 (group sparsity) weight, >= 0; larger values give sparser explanations.
-        lambda2: L2 weight, > 0.
+        lambda2: L2 weight, > 0 (a multiple of ``λ_max(H)`` with ``lambda2_relative``).
         second_order: include the Hessian term (CASO) or not (CAFO).
-        n_iter, lr: proximal-gradient iterations and initial line-search step (paper: 10 and 0.05).
+        n_iter, lr: proximal-gradient iterations and initial line-search step (paper: 10 and 0.05; with
+            ``lambda2_relative`` the step is in units of ``1 / λ_max(H)``).
         hessian: ``"relu"`` (closed form ``Jᵀ A J``: exact for piecewise-linear nets, fast) or ``"autograd"``
             (exact Hessian-vector products by double backpropagation, for smooth nets; top eigenvalue by
             power iteration).
-        shift: add the top Hessian eigenvalue to ``lambda2``.
+        shift: add the top Hessian eigenvalue to the L2 weight (CASO only).
+        lambda2_relative: read ``lambda2`` in units of the top Hessian eigenvalue (CASO and CAFO alike).
+        closed_form: CAFO only: the exact soft-thresholding solution (True) or ``n_iter`` proximal iterations.
         smooth_samples: Gaussian perturbations to average over (0: none).
-        sigma: their standard deviation.
+        sigma: their standard deviation, relative to each input's range (or absolute, see ``sigma_relative``).
+        sigma_relative: multiply ``sigma`` by ``max(x) - min(x)`` per input (the authors' convention).
         generator: random source for the perturbations and the power iteration.
 
     Returns:
         ``Δ`` shaped like ``x``.
 
     Raises:
-        ValueError: on negative ``lambda1``, non-positive ``lambda2``/``lr``/``sigma``, ``n_iter < 1`` or an
-            unknown ``hessian``.
+        ValueError: on negative ``lambda1``, non-positive ``lambda2``/``lr``/``sigma``, ``n_iter < 1``, an
+            unknown ``hessian``, or ``lambda2 <= 1`` with ``lambda2_relative`` and no ``shift`` (not concave).
 
     Example:
         >>> caso = group_features(net, x, lambda1=1e-3, lambda2=4.0)
@@ -387,6 +412,9 @@ def group_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = N
     check_positive("lr", lr)
     check_choice("hessian", hessian, ("relu", "autograd"))
     check_positive("sigma", sigma)
+    if lambda2_relative and second_order and not shift and lambda2 <= 1:
+        raise ValueError(f"lambda2 must exceed 1 when lambda2_relative=True and shift=False (the L2 weight "
+                         f"lambda2 * lambda_max(H) must exceed H's top eigenvalue), got {lambda2!r}")
     if not isinstance(smooth_samples, int) or isinstance(smooth_samples, bool) or smooth_samples < 0:
         raise ValueError(f"smooth_samples must be a non-negative integer, got {smooth_samples!r}")
     B = x.shape[0]
@@ -399,18 +427,20 @@ def group_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = N
         if smooth_samples:
             dev = generator.device if generator is not None else x0.device
             noise = torch.randn((n, *x0.shape), generator=generator, device=dev, dtype=x0.dtype).to(x0.device)
-            xs = (x0[None] + sigma * noise).reshape(n * B, *x0.shape[1:])
+            flat = x0.flatten(1)
+            std = sigma * (flat.amax(1) - flat.amin(1)) if sigma_relative else torch.full_like(flat[:, 0], sigma)
+            xs = (x0[None] + std.view(1, B, *([1] * (x0.ndim - 1))) * noise).reshape(n * B, *x0.shape[1:])
         else:
             xs = x0
         ys = y.repeat(n)
-        if hessian == "relu" or not second_order:
+        if hessian == "relu" or (not second_order and not lambda2_relative):
             logits, J = input_jacobian(model, xs, batch_size)
             labels = _labels(ys, logits)
             # Float64 from here on: confident inputs have gradients and curvatures near float32's range.
             p, A = _softmax_stats(logits)
             Jd = J.double()
             grad = (Jd.transpose(1, 2) @ _loss_residual(p, labels)[:, :, None]).squeeze(2).view(n, B, -1).mean(0)
-            if not second_order:
+            if not second_order and not lambda2_relative and closed_form:
                 return (_soft_threshold(grad, lambda1) / lambda2).to(x.dtype).view_as(x)
             fac = Jd.transpose(1, 2) @ _sqrt_psd(A)
             # Stack the samples' factors: H̄ = (1/n) Σ_s F_s F_sᵀ = F̄ F̄ᵀ with F̄ = [F_1 .. F_n] / sqrt(n).
@@ -439,6 +469,18 @@ def group_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = N
                 top = (v * hv).sum(1)
                 v = hv / hv.norm(dim=1, keepdim=True).clamp_min(torch.finfo(hv.dtype).tiny)
             top = top.clamp_min(0)
-        l2 = lambda2 + top if shift else torch.full_like(top, float(lambda2))
-        delta = caso_solve(grad, hvp, lambda1, l2, n_iter=n_iter, lr=lr)
+        l2 = lambda2 * top if lambda2_relative else torch.full_like(top, float(lambda2))
+        if second_order and shift:
+            l2 = l2 + top
+        # A top eigenvalue that underflowed to 0 (p_max = 1 in float64) has a zero gradient too: keep l2 > 0.
+        l2 = l2.clamp_min(torch.finfo(l2.dtype).tiny)
+        # Relative units make the iterations scale-free too: the first step is lr / λ_max, so that H scaled
+        # by c (and λ₂ with it) gives the same iterates scaled by 1/c when λ₁ = 0.
+        step: torch.Tensor | float = lr / top.clamp_min(torch.finfo(top.dtype).tiny) if lambda2_relative else lr
+        if not second_order:
+            if closed_form:
+                return (_soft_threshold(grad, lambda1) / l2[:, None]).to(x.dtype).view_as(x)
+            delta = caso_solve(grad, None, lambda1, l2, n_iter=n_iter, lr=step)
+        else:
+            delta = caso_solve(grad, hvp, lambda1, l2, n_iter=n_iter, lr=step)
     return delta.detach().to(x.dtype).view_as(x)

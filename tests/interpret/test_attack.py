@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lightning_robust.interpret import (
+    RandomSearchSaliencyAttack,
     TopKSaliencyAttack,
     gradient_saliency,
     softplus_surrogate,
@@ -94,3 +95,48 @@ def test_attack_argument_errors():
         TopKSaliencyAttack(steps=0)
     with pytest.raises(ValueError, match="k must be at most the number of input features 64, got 100"):
         TopKSaliencyAttack(k=100).num_top(64)
+
+
+def test_random_search_is_monotone_in_draws_and_keeps_the_contract(trained_digits_cnn, digits_tensors):
+    net = trained_digits_cnn
+    x = digits_tensors[0][-32:]
+    pred = net(x).argmax(1)
+    mask = topk_mask(gradient_saliency(net, x, pred), 16)
+    mass_x = topk_saliency_mass(gradient_saliency(net, x, pred), mask)
+    masses = []
+    for draws in (1, 8, 40):
+        attack = RandomSearchSaliencyAttack(eps=1.0, k=16, draws=draws, batch_draws=1)
+        x_adv = attack(net, x, pred, generator=torch.Generator().manual_seed(0))
+        assert attack.threat.contains(x_adv, x).all()
+        assert torch.equal(net(x_adv).argmax(1), pred)
+        moved = (x_adv != x).flatten(1).any(1)
+        # Moved samples lie on the sphere of radius eps (up to box clipping, which only shortens).
+        assert ((x_adv - x).flatten(1).norm(dim=1)[moved] <= 1.0 + 1e-5).all()
+        masses.append(topk_saliency_mass(gradient_saliency(net, x_adv, pred), mask))
+    # Never worse than x, and the first draws are shared: more draws never do worse.
+    assert (masses[0] <= mass_x + 1e-6).all()
+    assert (masses[1] <= masses[0] + 1e-6).all() and (masses[2] <= masses[1] + 1e-6).all()
+    assert (masses[2] < mass_x - 1e-3).float().mean() > 0.8
+    # Batching draws changes nothing but memory: one sample's result does not depend on the others.
+    one = RandomSearchSaliencyAttack(eps=1.0, k=16, draws=8, radius="ball", batch_draws=8)
+    ball = one(net, x, pred, generator=torch.Generator().manual_seed(0))
+    assert ((ball - x).flatten(1).norm(dim=1) <= 1.0 + 1e-5).all()
+
+
+def test_random_search_returns_input_where_every_draw_flips_the_class(tiny_images):
+    class Flip(nn.Module):
+        def __init__(self, x0):
+            super().__init__()
+            self.x0 = x0
+
+        def forward(self, x):
+            same = (x == self.x0).flatten(1).all(1).double()
+            return torch.stack([same, 1 - same], 1) + x.flatten(1).sum(1, keepdim=True) * 0
+
+    x, y = tiny_images
+    x = x[:2].double()
+    assert torch.equal(RandomSearchSaliencyAttack(eps=0.5, draws=5)(Flip(x[:1]), x[:1], y[:1]), x[:1])
+    with pytest.raises(ValueError, match="radius must be one of"):
+        RandomSearchSaliencyAttack(radius="cube")
+    with pytest.raises(ValueError, match="draws must be a positive integer, got 0"):
+        RandomSearchSaliencyAttack(draws=0)

@@ -181,6 +181,56 @@ def test_group_features_objective_sparsity_and_modes(trained_digits_cnn, digits_
         trained_digits_cnn.float()
 
 
+def test_group_features_relative_lambda2_solves_the_dense_problem(trained_digits_cnn, digits_tensors):
+    # lambda2 in units of the top eigenvalue: the converged CASO (lambda1 = 0) is the dense solution
+    # (l2 I - H)^-1 g with l2 = (rho + 1) lambda_max; CAFO with the same relative weight is g / (rho lambda_max).
+    net = trained_digits_cnn.double()
+    try:
+        x = digits_tensors[0][-6:].double()
+        y = net(x).argmax(1)
+        H = relu_input_hessian(net, x, y)
+        info = hessian_eigen_analysis(net, x, y)
+        top, g = info.eigenvalues[:, 0], info.gradient
+        rho = 0.5
+        caso = group_features(net, x, lambda1=0.0, lambda2=rho, lambda2_relative=True, n_iter=400).flatten(1)
+        eye = torch.eye(H.shape[1], dtype=H.dtype)
+        ref = torch.linalg.solve((rho + 1) * top[:, None, None] * eye - H, g[:, :, None]).squeeze(2)
+        assert torch.allclose(caso, ref, rtol=1e-6, atol=1e-10 * float(ref.abs().max()))
+        cafo = group_features(net, x, lambda1=0.0, lambda2=rho, lambda2_relative=True,
+                              second_order=False).flatten(1)
+        assert torch.allclose(cafo, g / (rho * top[:, None]))
+        # Without the shift, lambda2 must exceed 1 for a concave problem.
+        with pytest.raises(ValueError, match="lambda2 must exceed 1 when lambda2_relative=True"):
+            group_features(net, x, lambda2=1.0, lambda2_relative=True, shift=False)
+    finally:
+        trained_digits_cnn.float()
+
+
+def test_group_features_iterative_cafo_and_relative_sigma(trained_digits_cnn, digits_tensors):
+    x = digits_tensors[0][-4:]
+    y = trained_digits_cnn(x).argmax(1)
+    g = hessian_eigen_analysis(trained_digits_cnn, x, y).gradient
+    # CAFO through the proximal solver at CASO's budget: the solver's iterates, converging to the closed form.
+    few = group_features(trained_digits_cnn, x, lambda1=1e-3, second_order=False, closed_form=False, n_iter=3)
+    assert torch.allclose(few.flatten(1).double(), caso_solve(g, None, 1e-3, 4.0, n_iter=3).double(), atol=1e-7)
+    exact = group_features(trained_digits_cnn, x, lambda1=1e-3, second_order=False)
+    many = group_features(trained_digits_cnn, x, lambda1=1e-3, second_order=False, closed_form=False, n_iter=300)
+    assert torch.allclose(many, exact, atol=1e-7)
+    assert not torch.allclose(few, exact, atol=1e-4)
+    # The smoothing noise is sigma times each input's range by default (the authors' stddev_spread).
+    xs = torch.cat([x[:2], 0.3 + 0.5 * x[2:]])  # ranges differ between samples
+    span = xs.flatten(1).amax(1) - xs.flatten(1).amin(1)
+    assert span[0] > 1.5 * span[3]
+    for i in range(4):
+        def explain(sigma, relative, i=i):
+            return group_features(trained_digits_cnn, xs[i:i + 1], y[i:i + 1], lambda1=0.0, smooth_samples=8,
+                                  sigma=sigma, sigma_relative=relative, generator=torch.Generator().manual_seed(3))
+        rel = explain(0.15, True)
+        assert torch.allclose(rel, explain(0.15 * float(span[i]), False), rtol=1e-5, atol=1e-9)
+        if i >= 2:  # range 0.5: relative and absolute noise differ
+            assert (rel - explain(0.15, False)).norm() > 1e-2 * rel.norm()
+
+
 def test_group_features_argument_errors(tiny_cnn, tiny_images):
     x, _ = tiny_images
     with pytest.raises(ValueError, match="lambda1 must be a non-negative number, got -1"):
