@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_robust.utils.validation import check_choice
+from lightning_robust.utils.validation import check_choice, check_finite
 
 __all__ = [
     "COLOR_SPACES",
@@ -111,6 +111,7 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 def rgb_to_cieluv(x: torch.Tensor) -> torch.Tensor:
     """sRGB to normalized CIELUV ``(L*/100, (u*+100)/200, (v*+100)/200)``."""
+    check_finite("x", x)
     dtype = x.dtype
     xyz = rgb_to_xyz(_wide(x))
     X, Y, Z = xyz.unbind(1)
@@ -126,6 +127,7 @@ def rgb_to_cieluv(x: torch.Tensor) -> torch.Tensor:
 
 def cieluv_to_rgb(luv: torch.Tensor) -> torch.Tensor:
     """Normalized CIELUV back to sRGB, clipped to the gamut (out-of-gamut colours map to its surface)."""
+    check_finite("luv", luv)
     _check(luv)
     dtype, luv = luv.dtype, _wide(luv)
     L = luv[:, 0] * 100
@@ -146,6 +148,7 @@ def cieluv_to_rgb(luv: torch.Tensor) -> torch.Tensor:
 
 def rgb_to_yuv(x: torch.Tensor) -> torch.Tensor:
     """sRGB to BT.601 ``(Y, Pb + 0.5, Pr + 0.5)``, all in [0, 1] for colours in the gamut."""
+    check_finite("x", x)
     _check(x)
     r, g, b = x.unbind(1)
     y = _KR * r + _KG * g + _KB * b
@@ -156,6 +159,7 @@ def rgb_to_yuv(x: torch.Tensor) -> torch.Tensor:
 
 def yuv_to_rgb(yuv: torch.Tensor) -> torch.Tensor:
     """BT.601 ``(Y, Pb + 0.5, Pr + 0.5)`` back to sRGB, clipped to [0, 1]."""
+    check_finite("yuv", yuv)
     _check(yuv)
     y, pb, pr = yuv.unbind(1)
     b = (pb - 0.5) * 2 * (1 - _KB) + y
