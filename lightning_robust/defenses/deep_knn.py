@@ -171,6 +171,7 @@ def _neighbours(x: torch.Tensor, k: int, start: int, stop: int, chunk_size: int 
     b = 2.0 * (d + 20) * _unit_roundoff(work, dev)
     a = 4.0 * (d + 2) * float(torch.finfo(work).tiny)
     bsq = b * sq
+    k_more = min(n - 1, k + max(16, k // 8))
     for lo in range(start, stop, chunk):
         hi = min(lo + chunk, stop)
         # Lp_ij = ||c_j||^2 - 2 c_i.c_j - b ||c_j||^2; the row constant ||c_i||^2 changes no rank.
@@ -178,24 +179,41 @@ def _neighbours(x: torch.Tensor, k: int, start: int, stop: int, chunk_size: int 
         own = torch.arange(lo, hi, device=dev)
         dist[own - lo, own] = float("inf")  # self is never its own neighbour
         ri = (bsq[lo:hi] + a).unsqueeze(1)  # the row's share of E_ij
-        vals, idx = dist.topk(k, dim=1, largest=False, sorted=False)
-        low_k = vals.max(1, keepdim=True).values - ri  # k-th smallest lower bound <= true k-th
-        up_k = (vals + 2 * bsq[idx]).max(1, keepdim=True).values + ri  # max upper bound over k points >= it
-        m = int((dist <= up_k + ri).sum(1).max())
-        if m > k:
+        # A few more than k: usually every candidate is among them, and one topk is all it takes.
+        vals, idx = dist.topk(k_more, dim=1, largest=False, sorted=False)
+        kth = vals.kthvalue(k, dim=1, keepdim=True).values
+        low_k = kth - ri  # k-th smallest lower bound <= true k-th
+        # max upper bound over (at least) k points >= true k-th
+        up_k = torch.where(vals <= kth, vals + 2 * bsq[idx], -math.inf).max(1, keepdim=True).values + ri
+        if k_more < n - 1 and bool((vals.max(1, keepdim=True).values <= up_k + ri).any()):
+            # Some row has more candidates than fetched (near-duplicate distances): fetch them all.
+            m = int((dist <= up_k + ri).sum(1).max())
             vals, idx = dist.topk(m, dim=1, largest=False, sorted=False)
-        candidate = vals <= up_k + ri  # rows with fewer candidates than m are padded with sure non-neighbours
+        candidate = vals <= up_k + ri  # the other fetched entries are sure non-neighbours
         sure = (vals + 2 * bsq[idx] + ri < low_k) if not ordered else torch.zeros_like(candidate)
         need = candidate & ~sure
-        key = torch.full(vals.shape, float("inf"), dtype=torch.float64, device=dev)
-        key[sure] = -float("inf")
         r, col = need.nonzero(as_tuple=True)
-        if r.numel():
-            key[r, col] = _exact_sq_dist(x, r + lo, idx[r, col], scale)
-        # Order by (exact distance, index): sort by index, then a stable sort by distance.
-        idx, perm = idx.sort(1)
-        order = key.gather(1, perm).sort(dim=1, stable=True).indices[:, :k]
-        yield lo, hi, idx.gather(1, order)
+        exact = _exact_sq_dist(x, r + lo, idx[r, col], scale)
+        if ordered:
+            # Replication fills the k slots nearest first: every candidate is exact; sort them all by
+            # (distance, index): by index first, then a stable sort by distance.
+            key = torch.full(idx.shape, math.inf, dtype=torch.float64, device=dev)
+            key[r, col] = exact
+            idx, perm = idx.sort(1)
+            yield lo, hi, idx.gather(1, key.gather(1, perm).sort(dim=1, stable=True).indices[:, :k])
+            continue
+        # Unordered: the sure neighbours, plus per row the k - #sure best boundary points by (distance,
+        # index), found by one lexicographic sort of the few boundary pairs (index, then distance, then row).
+        j = idx[r, col]
+        o = torch.sort(j, stable=True).indices
+        o = o[torch.sort(exact[o], stable=True).indices]
+        o = o[torch.sort(r[o], stable=True).indices]
+        rs, cs = r[o], col[o]
+        per_row = torch.bincount(rs, minlength=hi - lo)
+        rank = torch.arange(rs.numel(), device=dev) - (per_row.cumsum(0) - per_row)[rs]
+        chosen = rank < (k - sure.sum(1))[rs]
+        sure[rs[chosen], cs[chosen]] = True
+        yield lo, hi, idx[sure].view(hi - lo, k)
 
 
 def _vote_counts(x: torch.Tensor, y: torch.Tensor, num_classes: int, k: int, start: int, stop: int,
