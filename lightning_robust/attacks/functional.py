@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_robust.attacks.base import Attack
 from lightning_robust.attacks.threat import ThreatModel
-from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int
+from lightning_robust.utils.validation import check_choice, check_finite, check_positive, check_positive_int
 
 __all__ = ["OPTIMIZERS", "FunctionalAttack", "Perturbation", "apply_chain", "neighbour_smoothness",
            "optimize_perturbations"]
@@ -172,6 +172,7 @@ def optimize_perturbations(
         success: per-sample success, ``(logits, y) -> BoolTensor[B]``.
         steps, lr, optimizer, random_start, generator: as described above.
     """
+    check_finite("x", x)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     params = [c.init_params(x, random_start, generator).detach() for c in components]
     _project_chain(components, x, params)
