@@ -122,29 +122,37 @@ def _centred(x: torch.Tensor, work: torch.dtype, block: int) -> tuple[torch.Tens
     in binary) keeps half-precision magnitudes from overflowing and underflowing.
     """
     n, d = x.shape
-    mean = x.sum(0, dtype=torch.float64) / n  # its own rounding is a common shift too: harmless
+    # The mean's own rounding (float64, then to ``work``) is a common shift too: harmless. Subtracting it in
+    # ``work`` errs by at most u |c| per entry, inside the bound of :func:`_neighbours`; the power-of-two
+    # scale is exact. Two passes over the features in ``work``: no float64 copy of them.
+    mean = (x.sum(0, dtype=torch.float64) / n).to(work)
+    c = torch.empty(n, d, dtype=work, device=x.device)
     amax = 0.0
     for lo in range(0, n, block):
-        amax = max(amax, float((x[lo:lo + block].double() - mean).abs().max()))
+        torch.sub(x[lo:lo + block].to(work), mean, out=c[lo:lo + block])
+        lo_v, hi_v = torch.aminmax(c[lo:lo + block])
+        amax = max(amax, -float(lo_v), float(hi_v))
     scale = 2.0 ** -math.frexp(amax)[1] if amax > 0 else 1.0
-    c = torch.empty(n, d, dtype=work, device=x.device)
+    c.mul_(scale)
     sq = torch.empty(n, dtype=work, device=x.device)
     for lo in range(0, n, block):
-        cb = (x[lo:lo + block].double() - mean) * scale
-        c[lo:lo + block] = cb
-        sq[lo:lo + block] = c[lo:lo + block].double().pow(2).sum(1)
+        cb = c[lo:lo + block]
+        sq[lo:lo + block] = (cb * cb).sum(1, dtype=torch.float64)  # products err by u each, the sum by ~0
     return c, sq, scale
 
 
 def _exact_sq_dist(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: float) -> torch.Tensor:
-    """``||x_r - x_c||^2 * scale^2`` in float64 for the pairs ``(rows[p], cols[p])``, by differences of the
-    original values (no cancellation), in blocks of at most ``_CHUNK_BYTES``."""
+    """``||x_r - x_c||^2`` in float64 (times ``scale^2``, exactly, for float64 features) for the pairs
+    ``(rows[p], cols[p])``, by differences of the given values (no cancellation), in bounded blocks."""
     d = x.shape[1]
     out = torch.empty(rows.shape[0], dtype=torch.float64, device=x.device)
     step = max(1, _CHUNK_BYTES // (16 * d))
     for lo in range(0, rows.shape[0], step):
-        r, c = rows[lo:lo + step], cols[lo:lo + step]
-        out[lo:lo + step] = ((x[c].double() - x[r].double()) * scale).pow(2).sum(1)
+        diff = torch.index_select(x, 0, cols[lo:lo + step]).double()
+        diff.sub_(torch.index_select(x, 0, rows[lo:lo + step]))
+        if x.dtype == torch.float64:
+            diff.mul_(scale)  # a power of two: exact; keeps squares of huge float64 features finite
+        out[lo:lo + step] = (diff * diff).sum(1)
     return out
 
 
@@ -156,11 +164,13 @@ def _neighbours(x: torch.Tensor, k: int, start: int, stop: int, chunk_size: int 
 
     Fast pass: the ``[chunk, n]`` block ``||c_j||^2 - 2 c_i . c_j`` of the centred, scaled features ``c`` is
     one ``addmm`` in float32 (float64 for float64 input). Its error is at most
-    ``E_ij = b (||c_i||^2 + ||c_j||^2) + a`` with ``b = 2 (d + 20) u`` (the dot-product bound ``d u``, the
-    centring and the addition, doubled) and ``a`` the underflow allowance. From the k smallest lower bounds
-    we get bounds ``[lowK_i, upK_i]`` on the true k-th distance: a point whose upper bound is below ``lowK_i``
-    is surely a neighbour, one whose lower bound is above ``upK_i`` surely is not, and only the few in
-    between get their distance recomputed exactly in float64. The matmul stays the dominant cost.
+    ``E_ij = b (||c_i||^2 + ||c_j||^2) + a`` with ``b = (d + 32) u``: the dot-product bound
+    ``2 gamma_d |c_i||c_j| <= d u (||c_i||^2 + ||c_j||^2)`` (to first order), plus a few ``u`` for the
+    centring, the norms, the addition and the bound's own arithmetic; ``a`` is the underflow allowance.
+    From the k smallest lower bounds we get bounds ``[lowK_i, upK_i]`` on the true k-th distance: a point
+    whose upper bound is below ``lowK_i`` is surely a neighbour, one whose lower bound is above ``upK_i``
+    surely is not, and only the few in between get their distance recomputed exactly in float64 (about one
+    per row on Gaussian clusters in 512-d). The matmul stays the dominant cost.
     """
     n, d = x.shape
     dev = x.device
@@ -168,7 +178,7 @@ def _neighbours(x: torch.Tensor, k: int, start: int, stop: int, chunk_size: int 
     itemsize = torch.empty((), dtype=work).element_size()
     chunk = chunk_size or max(1, _CHUNK_BYTES // max(1, n * (itemsize + 1)))
     c, sq, scale = _centred(x, work, max(1, _CHUNK_BYTES // max(1, 8 * d)))
-    b = 2.0 * (d + 20) * _unit_roundoff(work, dev)
+    b = (d + 32) * _unit_roundoff(work, dev)
     a = 4.0 * (d + 2) * float(torch.finfo(work).tiny)
     bsq = b * sq
     k_more = min(n - 1, k + max(16, k // 8))
