@@ -169,7 +169,7 @@ def _neighbours(x: torch.Tensor, k: int, start: int, stop: int, chunk_size: int 
     centring, the norms, the addition and the bound's own arithmetic; ``a`` is the underflow allowance.
     From the k smallest lower bounds we get bounds ``[lowK_i, upK_i]`` on the true k-th distance: a point
     whose upper bound is below ``lowK_i`` is surely a neighbour, one whose lower bound is above ``upK_i``
-    surely is not, and only the few in between get their distance recomputed exactly in float64 (about one
+    surely is not, and only the few in between get their distance recomputed exactly in float64 (about two
     per row on Gaussian clusters in 512-d). The matmul stays the dominant cost.
     """
     n, d = x.shape
