@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_robust.utils.validation import check_choice
+from lightning_robust.utils.validation import check_choice, check_finite
 
 __all__ = [
     "COLOR_SPACES",
@@ -115,6 +115,7 @@ def rgb_to_cieluv(x: torch.Tensor, widen: bool = True) -> torch.Tensor:
     ``widen=False`` computes in the input's own precision (about 4x faster in float32, round trips
     within ~2e-5), for bulk work such as projecting colour grids; the default computes in float64.
     """
+    check_finite("x", x)
     dtype = x.dtype
     xyz = rgb_to_xyz(_wide(x) if widen else x)
     X, Y, Z = xyz.unbind(1)
@@ -134,6 +135,7 @@ def cieluv_to_rgb(luv: torch.Tensor, widen: bool = True) -> torch.Tensor:
     As in the ReColorAdv code, XYZ is clamped to ``[0, 1.1]`` before the linear map to RGB, and linear
     RGB to ``[0, 1]`` after it. ``widen``: as in :func:`rgb_to_cieluv`.
     """
+    check_finite("luv", luv)
     _check(luv)
     dtype = luv.dtype
     luv = _wide(luv) if widen else luv
@@ -157,6 +159,7 @@ def cieluv_to_rgb(luv: torch.Tensor, widen: bool = True) -> torch.Tensor:
 
 def rgb_to_yuv(x: torch.Tensor) -> torch.Tensor:
     """sRGB to BT.601 ``(Y, Pb + 0.5, Pr + 0.5)``, all in [0, 1] for colours in the gamut."""
+    check_finite("x", x)
     _check(x)
     r, g, b = x.unbind(1)
     y = _KR * r + _KG * g + _KB * b
@@ -167,6 +170,7 @@ def rgb_to_yuv(x: torch.Tensor) -> torch.Tensor:
 
 def yuv_to_rgb(yuv: torch.Tensor) -> torch.Tensor:
     """BT.601 ``(Y, Pb + 0.5, Pr + 0.5)`` back to sRGB, clipped to [0, 1]."""
+    check_finite("yuv", yuv)
     _check(yuv)
     y, pb, pr = yuv.unbind(1)
     b = (pb - 0.5) * 2 * (1 - _KB) + y

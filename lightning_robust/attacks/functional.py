@@ -25,7 +25,7 @@ from torch import nn
 
 from lightning_robust.attacks.base import Attack
 from lightning_robust.attacks.threat import ThreatModel
-from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int
+from lightning_robust.utils.validation import check_choice, check_finite, check_positive, check_positive_int
 
 __all__ = ["KEEP_BEST", "OPTIMIZERS", "FunctionalAttack", "Perturbation", "apply_chain", "neighbour_smoothness",
            "optimize_perturbations"]
@@ -184,6 +184,7 @@ def optimize_perturbations(
         success: per-sample success, ``(logits, y) -> BoolTensor[B]``.
         steps, lr, optimizer, random_start, generator, keep_best: as described above.
     """
+    check_finite("x", x)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     check_choice("keep_best", keep_best, KEEP_BEST)
     by_success = keep_best == "success"

@@ -24,6 +24,17 @@ from lightning_robust.utils.validation import check_non_negative, check_positive
 __all__ = ["FGSM", "PGD"]
 
 
+def _toward(value: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` cast to ``dtype``, each entry rounded toward ``x`` instead of to nearest, so that
+    ``|result - x| <= |value - x|`` elementwise: a projection onto a ball around ``x`` survives the cast."""
+    r = value.detach().to(dtype)
+    if r.dtype == value.dtype:
+        return r.clone()
+    xd, vd = x.detach().double(), value.detach().double()
+    outward = (r.double() - xd).abs() > (vd - xd).abs()
+    return torch.where(outward, torch.nextafter(r, xd.to(dtype)), r)
+
+
 class PGD(Attack, Perturbation):
     """Projected gradient descent under an L-inf or L2 budget.
 
@@ -83,21 +94,30 @@ class PGD(Attack, Perturbation):
 
     def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              generator: torch.Generator | None) -> torch.Tensor:
-        x_adv = self.threat.random_start(x, generator) if self.random_start else x.clone()
+        # Half-precision inputs are attacked on a float32 copy: x +- eps rounded to float16 can land outside
+        # the ball (8/255 became 0.0315 > 0.03137), and small steps vanish in float16. The model sees the
+        # iterate rounded toward x, so every input it gets, and the result, stay within eps of x.
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        xw = x.float() if low else x
+        x_adv = self.threat.random_start(xw, generator) if self.random_start else xw.clone()
         if self.threat.norm == "linf":
-            # Ball ∩ box is a box: project with one max and one min against precomputed corners.
-            lo = (x - self.threat.eps).clamp_(self.threat.low, self.threat.high)
-            hi = (x + self.threat.eps).clamp_(self.threat.low, self.threat.high)
+            # Ball ∩ box is a box: project with one max and one min against precomputed corners (rounded
+            # toward x from the float64 values, so they never lie outside the ball).
+            x64 = x.double()
+            lo = _toward((x64 - self.threat.eps).clamp_(self.threat.low, self.threat.high), x64, xw.dtype)
+            hi = _toward((x64 + self.threat.eps).clamp_(self.threat.low, self.threat.high), x64, xw.dtype)
         for _ in range(self.steps):
-            x_adv.requires_grad_(True)
-            loss = self.loss_per_sample(model(x_adv), y).sum()
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            inp = _toward(x_adv, x, x.dtype) if low else x_adv
+            inp.requires_grad_(True)
+            loss = self.loss_per_sample(model(inp), y).sum()
+            (grad,) = torch.autograd.grad(loss, inp)
             with torch.no_grad():
+                grad = grad.to(xw.dtype)
                 if self.threat.norm == "linf":
-                    x_adv = torch.minimum(torch.maximum(x_adv.add_(grad.sign_(), alpha=self.alpha), lo), hi)
+                    x_adv = torch.minimum(torch.maximum(x_adv.detach().add_(grad.sign_(), alpha=self.alpha), lo), hi)
                 else:
-                    x_adv = self.threat.project(x_adv + self.alpha * self._step_direction(grad), x)
-        return x_adv
+                    x_adv = self.threat.project(x_adv.detach() + self.alpha * self._step_direction(grad), xw)
+        return _toward(x_adv.detach(), x, x.dtype) if low else x_adv
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 generator: torch.Generator | None) -> torch.Tensor:

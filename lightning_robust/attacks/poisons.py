@@ -30,6 +30,7 @@ from lightning_robust.attacks.base import MODEL_MODES, model_mode
 from lightning_robust.utils.feature_extractor import FeatureExtractor, resolve_layer
 from lightning_robust.utils.validation import (
     check_choice,
+    check_finite,
     check_fraction,
     check_image_range,
     check_non_negative,
@@ -84,6 +85,7 @@ def project_simplex(v: torch.Tensor) -> torch.Tensor:
     The sort-based algorithm of Held et al. / Duchi et al.: ``w = max(v - theta, 0)`` with ``theta`` chosen so
     that ``sum(w) = 1``.
     """
+    check_finite("v", v)
     u = torch.sort(v, dim=-1, descending=True).values
     css = u.cumsum(-1) - 1.0
     ind = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
@@ -139,6 +141,9 @@ def simplex_least_squares(
         steps: maximum iterations of the iterative solver.
         tol: its relative-change stopping tolerance.
     """
+    check_finite("features", features)
+    check_finite("target", target)
+    check_finite("init", init)
     check_positive_int("steps", steps)
     check_non_negative("tol", tol)
     f = features.detach().double().flatten(1)
@@ -168,6 +173,9 @@ def convex_polytope_loss(
     coefficients: Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """``sum_i ||phi_i(t) - c_i^T phi_i(X)||^2 / (2 ||phi_i(t)||^2)`` over the ensemble."""
+    check_finite("poison_features", poison_features)
+    check_finite("target_features", target_features)
+    check_finite("coefficients", coefficients)
     total = torch.zeros((), device=poison_features[0].device)
     for feats, tgt, c in zip(poison_features, target_features, coefficients):
         resid = tgt.flatten() - (c.view(-1, 1) * feats.flatten(1)).sum(0)
@@ -182,6 +190,8 @@ def nearest_to_target(feature_extractor: nn.Module, candidates: torch.Tensor, ta
 
     Poison Frogs picks the base closest to the target in feature space; CP offers the same ("--nearest").
     """
+    check_finite("candidates", candidates)
+    check_finite("target", target)
     check_positive_int("num", num)
     if num > candidates.shape[0]:
         raise ValueError(f"num must be at most the number of candidates ({candidates.shape[0]}), got {num}")

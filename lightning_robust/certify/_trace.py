@@ -180,6 +180,33 @@ class Traced:
     def __bool__(self) -> bool:
         raise self.state.fail("branches on the value of an input-dependent tensor")
 
+    # Comparisons build masks (``z * (z > 0)``, ``torch.where(z > 0, z, 0.1 * z)``) whose pattern depends on
+    # the input: without these, Python answered ``>`` with a bare TypeError and ``==`` with identity (a
+    # silent ``False`` mask). They have no local-affine rule here; F.relu / nn.LeakyReLU do.
+    def _compare(self, op: str) -> NotPiecewiseLinearError:
+        return self.state.fail(f"compares an input-dependent tensor with `{op}` (a mask such as `z * (z > 0)` "
+                               "or `torch.where(z > 0, ...)`; use nn.ReLU, F.relu or nn.LeakyReLU instead)")
+
+    def __gt__(self, other: Any) -> Any:
+        raise self._compare(">")
+
+    def __ge__(self, other: Any) -> Any:
+        raise self._compare(">=")
+
+    def __lt__(self, other: Any) -> Any:
+        raise self._compare("<")
+
+    def __le__(self, other: Any) -> Any:
+        raise self._compare("<=")
+
+    def __eq__(self, other: Any) -> Any:
+        raise self._compare("==")
+
+    def __ne__(self, other: Any) -> Any:
+        raise self._compare("!=")
+
+    __hash__ = object.__hash__
+
     # ---- methods and operators ----
     def flatten(self, start_dim: int = 0, end_dim: int = -1) -> Traced:
         return _flatten(self, start_dim, end_dim)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lightning_robust.certify._trace import NotPiecewiseLinearError, trace_model
-from lightning_robust.utils.validation import check_positive_int
+from lightning_robust.utils.validation import check_finite, check_positive_int
 
 __all__ = ["LocalAffineMap", "NotPiecewiseLinearError", "local_affine_map"]
 
@@ -83,6 +83,8 @@ def hyperplane_distance(slack: torch.Tensor, normal_norm: torch.Tensor) -> torch
     A constraint with ``a_i = 0`` is constant on the whole input space (it holds everywhere since it holds
     at ``x``), and a ``+inf`` slack marks a padding entry; neither limits the polyhedron.
     """
+    check_finite("slack", slack, allow_posinf=True)
+    check_finite("normal_norm", normal_norm)
     valid = torch.isfinite(slack) & (normal_norm > 0)
     safe = torch.where(valid, normal_norm, torch.ones_like(normal_norm))
     return torch.where(valid, slack.clamp_min(0) / safe, torch.full_like(slack, math.inf))
@@ -94,6 +96,8 @@ def region_radius(slack: torch.Tensor, normal_norm: torch.Tensor) -> torch.Tenso
     The complement of ``P(x)`` is the union of the open half-spaces ``c_i < 0``, and the distance from
     ``x`` to such a half-space is exactly ``c_i(x) / ||a_i||``.
     """
+    check_finite("slack", slack, allow_posinf=True)
+    check_finite("normal_norm", normal_norm)
     d = hyperplane_distance(slack, normal_norm)
     if d.shape[1] == 0:
         return torch.full(d.shape[:1], math.inf, dtype=d.dtype, device=d.device)
@@ -142,6 +146,8 @@ def local_affine_map(
         >>> torch.allclose(amap(x), net(x), atol=1e-5)
         True
     """
+    check_finite("x", x)
+    check_finite("probes", probes)
     check_positive_int("chunk_size", chunk_size)
     if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a batch of inputs [B, ...] with B >= 1, got {getattr(x, 'shape', x)!r}")

@@ -45,7 +45,7 @@ from torch import nn
 from lightning_robust.certify._trace import eval_mode
 from lightning_robust.certify.affine import hyperplane_distance, local_affine_map, region_radius
 from lightning_robust.certify.lipschitz import LipschitzBound, lipschitz_bound, lipschitz_radius
-from lightning_robust.utils.validation import check_choice, check_positive_int
+from lightning_robust.utils.validation import check_choice, check_finite, check_positive_int
 
 __all__ = [
     "CERTIFICATE_METHODS",
@@ -95,6 +95,8 @@ def local_linear_radius(logits: torch.Tensor, weight: torch.Tensor, label: torch
         weight: ``[B, K, D]`` local Jacobian (:attr:`LocalAffineMap.weight`).
         label: ``[B]`` the class to certify.
     """
+    check_finite("logits", logits)
+    check_finite("weight", weight)
     m, g, other = _margins(logits, weight, label)
     r = _ratio(m, _safe_norm(g, 2))
     return torch.where(other, r, torch.full_like(r, math.inf)).min(dim=1).values
@@ -113,6 +115,10 @@ def simplex_radius(logits: torch.Tensor, weight: torch.Tensor, slack: torch.Tens
         logits, weight, slack, normal_norm: fields of a :class:`LocalAffineMap`.
         label: ``[B]`` the class to certify.
     """
+    check_finite("logits", logits)
+    check_finite("weight", weight)
+    check_finite("slack", slack, allow_posinf=True)
+    check_finite("normal_norm", normal_norm)
     return torch.minimum(region_radius(slack, normal_norm), local_linear_radius(logits, weight, label))
 
 
@@ -152,6 +158,12 @@ def decision_boundary_radius(logits: torch.Tensor, weight: torch.Tensor, slack: 
     Returns:
         ``[B]`` radii; negative when ``label`` is not the predicted class.
     """
+    check_finite("logits", logits)
+    check_finite("weight", weight)
+    check_finite("slack", slack, allow_posinf=True)
+    check_finite("normal_norm", normal_norm)
+    check_finite("margin_proj", margin_proj)
+    check_finite("margin_lipschitz", margin_lipschitz, allow_posinf=True)
     m, g, other = _margins(logits, weight, label)  # [B, K], [B, K, D], [B, K]
     gnorm = _safe_norm(g, 2)  # [B, K]
     lin = _ratio(m, gnorm)  # [B, K]
@@ -252,7 +264,7 @@ def simplex_certificate(model: nn.Module, x: torch.Tensor, y: torch.Tensor | Non
 
     Returns:
         ``[B]`` L2 radii in input units (shrunk by a relative 1e-4 in float32, 1e-10 in float64, against
-        floating-point rounding).
+        floating-point rounding); an empty ``[0]`` tensor for an empty batch.
 
     Raises:
         NotPiecewiseLinearError: for a non-piecewise-linear layer (softplus, GELU, ...), naming it.
@@ -264,6 +276,8 @@ def simplex_certificate(model: nn.Module, x: torch.Tensor, y: torch.Tensor | Non
     """
     _check_inputs(model, x, y)
     check_positive_int("chunk_size", chunk_size)
+    if x.shape[0] == 0:
+        return x.new_zeros(0)  # an empty batch has empty radii (the model is not run)
     out = []
     for sl in _groups(x, chunk_size):
         with _applicable(x):
@@ -357,6 +371,8 @@ def decision_boundary_certificate(model: nn.Module, x: torch.Tensor, y: torch.Te
     """
     _check_inputs(model, x, y)
     check_positive_int("chunk_size", chunk_size)
+    if x.shape[0] == 0:
+        return x.new_zeros(0)
     if lipschitz is None:
         with _applicable(x):
             lipschitz = lipschitz_bound(model, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -401,6 +417,8 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, me
     if method == "decision_boundary":
         return decision_boundary_certificate(model, x, y, lipschitz=lipschitz, chunk_size=chunk_size, signed=signed)
     _check_inputs(model, x, y)
+    if x.shape[0] == 0:
+        return x.new_zeros(0)
     if lipschitz is None:
         with _applicable(x):
             lipschitz = lipschitz_bound(model, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_robust.certify._trace import trace_model
+from lightning_robust.utils.validation import check_finite
 
 __all__ = ["LipschitzBound", "lipschitz_bound", "lipschitz_radius"]
 
@@ -84,6 +85,8 @@ def lipschitz_radius(logits: torch.Tensor, label: torch.Tensor, margin_lipschitz
         label: ``[B]`` the class to certify.
         margin_lipschitz: ``[K, K]`` bounds from :func:`lipschitz_bound` (``.margin``).
     """
+    check_finite("logits", logits)
+    check_finite("margin_lipschitz", margin_lipschitz, allow_posinf=True)
     m = logits.gather(1, label[:, None]) - logits  # [B, K]
     lip = margin_lipschitz.to(logits.dtype)[label]  # [B, K]
     other = torch.ones_like(m, dtype=torch.bool).scatter_(1, label[:, None], False)

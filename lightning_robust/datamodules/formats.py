@@ -57,20 +57,73 @@ def _numpy_attr(module: str, name: str) -> Any:
     raise pickle.UnpicklingError(f"cannot resolve {module}.{name}")
 
 
+class _PendingArray(np.ndarray):
+    """What ``_reconstruct`` returns while unpickling: an empty array waiting for its data.
+
+    NumPy pickles an array as ``_reconstruct(ndarray, shape, dtype)`` followed by ``__setstate__((version,
+    shape, dtype, fortran, data))``. The real ``_reconstruct`` allocates ``shape`` at once, uninitialised:
+    a pickle that skips ``__setstate__`` yields arrays of stale memory, and one with a huge shape allocates
+    gigabytes from a few bytes. Here nothing is allocated until the data arrives, the data must hold exactly
+    the declared number of bytes (never more than the file), and an array that never gets it is refused.
+    """
+
+    _limit: int = 0
+    _built: bool = False
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("malformed array state")
+        shape, dtype, raw = state[-4], state[-3], state[-1]
+        if not isinstance(dtype, np.dtype) or dtype.hasobject:
+            raise pickle.UnpicklingError("array state without a plain (non-object) dtype")
+        if isinstance(raw, str):  # Python 2 byte strings, decoded as latin1
+            raw = raw.encode("latin1")
+        if not isinstance(raw, (bytes, bytearray)):
+            raise pickle.UnpicklingError(f"array data must be bytes, got {type(raw).__name__}")
+        if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise pickle.UnpicklingError(f"malformed array shape {shape!r}")
+        nbytes = dtype.itemsize
+        for n in shape:
+            nbytes *= n  # Python integers: no overflow
+        if nbytes != len(raw) or nbytes > self._limit:
+            raise pickle.UnpicklingError(f"array of shape {shape} and dtype {dtype} needs {nbytes} bytes, but its "
+                                         f"data holds {len(raw)} (the file has {self._limit})")
+        super().__setstate__((*state[:-1], bytes(raw)))
+        self._built = True
+
+
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists, strings, numbers and NumPy arrays; refuses every other global.
 
     A pickle can call any importable function on load; CIFAR batches only need NumPy's array
-    reconstruction (plus ``_codecs.encode`` for bytes pickled by Python 3 at protocol 2).
+    reconstruction (plus ``_codecs.encode`` for bytes pickled by Python 3 at protocol 2). Arrays are
+    reconstructed as :class:`_PendingArray` (no allocation before the data, which must fit the file).
     """
 
     _ALLOWED: ClassVar[set[tuple[str, str]]] = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
     }
+    _RECONSTRUCT: ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    def __init__(self, file: Any, limit: int, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self.limit = limit
+        self.arrays: list[_PendingArray] = []
+
+    def _reconstruct(self, subtype: Any, shape: Any, dtype: Any) -> _PendingArray:
+        if subtype is not np.ndarray:
+            raise pickle.UnpicklingError(f"refusing to reconstruct {subtype!r} (only numpy.ndarray is expected)")
+        arr = np.empty(0, dtype=np.uint8).view(_PendingArray)
+        arr._limit = self.limit
+        self.arrays.append(arr)
+        return arr
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._RECONSTRUCT:
+            return self._reconstruct
         if (module, name) in self._ALLOWED:
             return _numpy_attr(module, name)
         if (module, name) in (("__builtin__", "bytes"), ("builtins", "bytes")):
@@ -83,11 +136,26 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only NumPy arrays are expected)")
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` with every :class:`_PendingArray` turned into a plain ``ndarray`` (dicts and lists walked)."""
+    if isinstance(obj, _PendingArray):
+        return obj.view(np.ndarray)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
     _require_file(path)
     try:
         with open(path, "rb") as f:
-            obj = _ArrayOnlyUnpickler(f, encoding="latin1").load()
+            unpickler = _ArrayOnlyUnpickler(f, limit=path.stat().st_size, encoding="latin1")
+            obj = unpickler.load()
+        if any(not a._built for a in unpickler.arrays):
+            raise pickle.UnpicklingError("an array was reconstructed without its data (it would hold "
+                                         "uninitialised memory)")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
             MemoryError, struct.error, UnicodeDecodeError, ImportError) as err:
         raise DataIntegrityError(f"{path}: cannot unpickle the CIFAR batch ({type(err).__name__}: {err}); "
@@ -95,7 +163,7 @@ def _unpickle(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise DataIntegrityError(f"{path}: expected a pickled dict, got {type(obj).__name__}; {_CORRUPT}")
     # Python 2 pickles decoded as latin1 give str keys; Python 3 ones may keep bytes keys.
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    return {k.decode("latin1") if isinstance(k, bytes) else k: _plain(v) for k, v in obj.items()}
 
 
 def load_cifar_batch(path: str | Path, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -139,39 +207,62 @@ def load_cifar_meta(path: str | Path, num_classes: int = 10) -> list[str]:
 _IDX_DTYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def _read_maybe_gzip(path: Path) -> bytes:
-    _require_file(path)
-    raw = path.read_bytes()
-    if path.suffix != ".gz":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as err:
-        # gzip raises BadGzipFile (an OSError) on a bad header or CRC, EOFError when cut short.
-        raise DataIntegrityError(f"{path}: cannot decompress ({type(err).__name__}: {err}); {_CORRUPT}") from err
+def _read_at_most(f: Any, n: int) -> bytes:
+    """Up to ``n`` bytes of ``f``, in 1 MB reads: never allocates or decompresses more than asked."""
+    chunks, remaining = [], n
+    while remaining > 0:
+        b = f.read(min(remaining, 1 << 20))
+        if not b:
+            break
+        chunks.append(b)
+        remaining -= len(b)
+    return b"".join(chunks)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (``.gz`` or raw) into an array of the declared type and shape.
 
     The header is ``0x00 0x00 <type> <ndim>`` followed by ``ndim`` big-endian uint32 sizes; the payload
-    must hold exactly ``prod(sizes)`` items, so a truncated or padded file is reported, not reshaped.
+    must hold exactly ``prod(sizes)`` items, so a truncated or padded file is reported, not reshaped. A
+    ``.gz`` file is decompressed as a stream and never beyond the declared size plus one byte (a small gzip
+    bomb cannot expand to gigabytes), and read to its end so that its CRC-32 is checked; dimensions whose
+    product overflows are refused before anything is allocated.
     """
     path = Path(path)
-    raw = _read_maybe_gzip(path)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        raise DataIntegrityError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'}); {_CORRUPT}")
-    ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]])
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataIntegrityError(f"{path}: IDX header cut short ({len(raw)} bytes); {_CORRUPT}")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(raw) - header != expected:
-        shape = " x ".join(map(str, dims))
+    _require_file(path)
+    gz = path.suffix == ".gz"
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or head[3] == 0:
+                raise DataIntegrityError(f"{path}: not an IDX file (bad magic number {head.hex() or 'empty'}); "
+                                         f"{_CORRUPT}")
+            ndim, dtype = head[3], np.dtype(_IDX_DTYPES[head[2]])
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise DataIntegrityError(f"{path}: IDX header cut short ({4 + len(raw_dims)} bytes); {_CORRUPT}")
+            dims = struct.unpack(f">{ndim}I", raw_dims)
+            shape = " x ".join(map(str, dims))
+            expected = dtype.itemsize
+            for n in dims:
+                expected *= n  # Python integers: an overflow is seen, not wrapped
+            if expected >= 2**62:
+                raise DataIntegrityError(f"{path}: the IDX header declares {shape} items, {expected} bytes: the "
+                                         f"dimensions overflow; {_CORRUPT}")
+            if not gz and expected > path.stat().st_size - 4 - 4 * ndim:
+                payload = b""  # shorter than declared: say so below without reading
+                held = path.stat().st_size - 4 - 4 * ndim
+            else:
+                payload = _read_at_most(f, expected + 1)
+                held = len(payload)
+    except (OSError, EOFError, zlib.error) as err:
+        # gzip raises BadGzipFile (an OSError) on a bad header or CRC, EOFError when cut short.
+        raise DataIntegrityError(f"{path}: cannot decompress ({type(err).__name__}: {err}); {_CORRUPT}") from err
+    if held != expected:
+        holds = f"more than {expected}" if held > expected else str(held)
         raise DataIntegrityError(f"{path}: the IDX header declares {shape} items ({expected} bytes of data) but the "
-                                 f"file holds {len(raw) - header}; {_CORRUPT}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+                                 f"file holds {holds}; {_CORRUPT}")
+    return np.frombuffer(payload, dtype=dtype).reshape(dims)
 
 
 # ---- text annotation files --------------------------------------------------------------------------

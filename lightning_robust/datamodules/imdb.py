@@ -4,7 +4,9 @@ The DataModule reads the official layout, either extracted (``aclImdb/{train,tes
 or straight from ``aclImdb_v1.tar.gz``, streamed once (about a second, nothing written to disk). Archive members
 whose path would leave the target folder (absolute paths, ``..``, links) are refused, both when streaming and
 when extracting (:func:`safe_extract` also uses ``tarfile``'s ``filter="data"``). ``download=True`` fetches the
-official archive and checks its MD5 before use.
+official archive and checks its MD5 before use; a local archive is checked against the official MD5 too
+(``verify=False`` opts out, ``checksums=`` names a manifest for a re-packed copy), and its gzip CRC-32 and length
+are verified on every read, so a flipped bit or a truncated file is a :class:`DataIntegrityError` naming it.
 
 Reviews are tokenized lazily, per item, by any :class:`~lightning_robust.utils.text.TextTokenizer`: a Hugging
 Face tokenizer (name or local folder; default the offline MiniLM of the ``text`` extra), the GloVe vocabulary
@@ -16,20 +18,23 @@ with ``glove=...`` uses), or a word vocabulary built from the training reviews. 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import re
 import tarfile
 import urllib.request
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_robust.datamodules.base import EpochShuffleSampler, OwnGeneratorLoader, RobustDataModule
+from lightning_robust.datamodules.integrity import ChecksumTable, DataIntegrityError, verify_checksums
 from lightning_robust.utils.text import GLOVE_PACKAGE, HFTokenizer, TextTokenizer, WordVocabulary
 from lightning_robust.utils.validation import check_positive_int
 
@@ -43,6 +48,7 @@ __all__ = [
     "download_imdb",
     "read_imdb",
     "safe_extract",
+    "verify_imdb_archive",
 ]
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
@@ -116,29 +122,70 @@ def _locate(data_dir: Path) -> Path:
     raise FileNotFoundError(f"no IMDB data under {str(data_dir)!r}: expected {_LAYOUT}")
 
 
-def read_imdb(data_dir: str | Path) -> dict[str, IMDBSplit]:
+def verify_imdb_archive(archive: str | Path, verify: bool = True, checksums: str | Path | None = None) -> None:
+    """Check ``archive`` against the official MD5 (or the ``checksums`` manifest); nothing when ``verify=False``.
+
+    Raises:
+        DataIntegrityError: naming the file, both digests and what to do.
+    """
+    path = Path(archive)
+    table = ChecksumTable({path: IMDB_MD5}, checksums, enabled=verify)
+    verify_checksums([path], table, hint="Download it again, or pass verify=False (or checksums=<MD5SUMS>) for "
+                                         "a re-packed copy.")
+
+
+def _archive_stream(raw: Any) -> tuple[Any, Literal["r|", "r|*"]]:
+    """``(stream, tarfile mode)``: gzip through :class:`gzip.GzipFile`, which checks the CRC-32 and length of
+    the data once it is read to the end (``tarfile``'s streaming reader stops at the tar end marker, before
+    the gzip trailer, so it never checks them); other formats as ``tarfile`` detects them."""
+    magic = raw.read(2)
+    raw.seek(0)
+    if magic == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw, mode="rb"), "r|"
+    return raw, "r|*"
+
+
+_CORRUPT = (EOFError, gzip.BadGzipFile, tarfile.TarError, zlib.error)
+
+
+def read_imdb(data_dir: str | Path, verify: bool = True, checksums: str | Path | None = None) -> dict[str, IMDBSplit]:
     """Read both splits from ``data_dir`` (holding ``aclImdb/`` or ``aclImdb_v1.tar.gz``; or either path itself).
 
     The archive is streamed once; the unlabelled ``unsup`` reviews and bag-of-words files are skipped.
+    An archive is first checked against the official MD5 (``verify``, ``checksums``: see
+    :func:`verify_imdb_archive`), then read to its very end so that the gzip CRC-32 and length are checked
+    whatever ``verify`` says. An extracted folder has no checksums; its files are checked for UTF-8 text.
 
     Raises:
         FileNotFoundError: neither layout is present (the message names both and the download address).
+        DataIntegrityError: the archive's MD5 differs, it is truncated, or its compressed data is corrupted
+            (gzip CRC); the message names the file.
         ValueError: an archive member escapes the folder, or a review file is empty or not UTF-8 (named).
     """
     source = _locate(Path(data_dir))
     found: dict[str, list[tuple[int, int, int, str, str]]] = {"train": [], "test": []}
     if source.is_file():
-        with tarfile.open(source, "r|*") as tar:
-            for member in tar:
-                _check_member(member, source)
-                m = _REVIEW.match(member.name)
-                if m is None or not member.isfile():
-                    continue
-                f = tar.extractfile(member)
-                assert f is not None  # regular files always have content
-                text = _decode_review(f.read(), f"{member.name} in {source}")
-                split, label, idx, rating = m.group(1), LABELS.index(m.group(2)), int(m.group(3)), int(m.group(4))
-                found[split].append((label, idx, rating, member.name, text))
+        verify_imdb_archive(source, verify, checksums)
+        with source.open("rb") as raw:
+            stream, mode = _archive_stream(raw)
+            try:
+                with tarfile.open(fileobj=stream, mode=mode) as tar:
+                    for member in tar:
+                        _check_member(member, source)
+                        m = _REVIEW.match(member.name)
+                        if m is None or not member.isfile():
+                            continue
+                        f = tar.extractfile(member)
+                        assert f is not None  # regular files always have content
+                        text = _decode_review(f.read(), f"{member.name} in {source}")
+                        split, label = m.group(1), LABELS.index(m.group(2))
+                        found[split].append((label, int(m.group(3)), int(m.group(4)), member.name, text))
+                # Read past the tar end marker to the gzip trailer: GzipFile checks CRC-32 and length at EOF.
+                while stream.read(1 << 20):
+                    pass
+            except _CORRUPT as err:
+                raise DataIntegrityError(f"{source}: the archive is truncated or corrupted ({err}); download it "
+                                         f"again from {IMDB_URL}") from err
     else:
         for split in ("train", "test"):
             for label, folder in enumerate(LABELS):
@@ -160,9 +207,18 @@ def safe_extract(archive: str | Path, dest: str | Path) -> Path:
     ``filter="data"`` as a second line of defence.
 
     Raises:
+        DataIntegrityError: the archive is truncated or its gzip CRC fails (named); nothing is extracted.
         ValueError: naming the first offending member; nothing is extracted then.
     """
     archive, dest = Path(archive), Path(dest)
+    with archive.open("rb") as raw:
+        # The random-access reader below need not reach the gzip trailer: check CRC-32 and length first.
+        stream, _ = _archive_stream(raw)
+        try:
+            while stream.read(1 << 20):
+                pass
+        except _CORRUPT as err:
+            raise DataIntegrityError(f"{archive}: the archive is truncated or corrupted ({err})") from err
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
     with tarfile.open(archive, "r:*") as tar:
@@ -276,6 +332,9 @@ class IMDBDataModule(RobustDataModule):
     Args:
         data_dir: folder holding ``aclImdb/`` or ``aclImdb_v1.tar.gz`` (or the archive path itself).
         download: fetch the official archive into ``data_dir`` when absent and check its MD5.
+        verify: check a local archive against the official MD5 before reading it (``False`` for a re-packed
+            copy); the gzip CRC-32 and the structure are checked either way.
+        checksums: an ``md5sum``-format manifest that replaces the official MD5 (for a re-packed archive).
         extract: extract the archive into ``data_dir`` (safely) instead of streaming it at each setup.
         tokenizer: ``"auto"`` (the offline MiniLM's tokenizer when the ``text`` extra is installed, else
             ``"word"``), ``"glove"`` (the ``vocab_size`` most frequent GloVe words, matching
@@ -304,6 +363,8 @@ class IMDBDataModule(RobustDataModule):
         self,
         data_dir: str = "data/IMDB",
         download: bool = False,
+        verify: bool = True,
+        checksums: str | None = None,
         extract: bool = False,
         tokenizer: str = "auto",
         vocab_size: int = 20000,
@@ -335,6 +396,8 @@ class IMDBDataModule(RobustDataModule):
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.download = download
+        self.verify = verify
+        self.checksums = checksums
         self.extract = extract
         self.tokenizer_spec = tokenizer
         self.vocab_size = vocab_size
@@ -367,7 +430,7 @@ class IMDBDataModule(RobustDataModule):
             return WordVocabulary.load(spec)
         if spec == "word":
             if train_texts is None:
-                train_texts = read_imdb(self.data_dir)["train"].texts
+                train_texts = read_imdb(self.data_dir, self.verify, self.checksums)["train"].texts
             return WordVocabulary.build(train_texts, max_size=self.vocab_size)
         return HFTokenizer(spec)
 
@@ -395,10 +458,11 @@ class IMDBDataModule(RobustDataModule):
             except FileNotFoundError:
                 download_imdb(root)
         if self.extract and not (root / "aclImdb").is_dir() and (root / ARCHIVE_NAME).is_file():
+            verify_imdb_archive(root / ARCHIVE_NAME, self.verify, self.checksums)
             safe_extract(root / ARCHIVE_NAME, root)
 
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
-        data = read_imdb(self.data_dir)
+        data = read_imdb(self.data_dir, self.verify, self.checksums)
         train, test = data["train"], data["test"]
         train_idx = (_balanced_subset(train.labels, self.limit_train, self.seed) if self.limit_train
                      else list(range(len(train))))

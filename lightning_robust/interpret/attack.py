@@ -21,13 +21,20 @@ from lightning_robust.attacks.base import Attack
 from lightning_robust.attacks.threat import ThreatModel
 from lightning_robust.interpret.saliency import topk_mask
 from lightning_robust.interpret.softplus import softplus_surrogate
-from lightning_robust.utils.validation import check_choice, check_fraction, check_positive, check_positive_int
+from lightning_robust.utils.validation import (
+    check_choice,
+    check_finite,
+    check_fraction,
+    check_positive,
+    check_positive_int,
+)
 
 __all__ = ["RandomSearchSaliencyAttack", "TopKSaliencyAttack", "topk_saliency_mass"]
 
 
 def topk_saliency_mass(saliency: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Share of ``|saliency|`` (per sample, L1-normalized) that falls on ``mask`` ([B, d] bool): in [0, 1]."""
+    check_finite("saliency", saliency)
     a = saliency.abs().flatten(1)
     return (a * mask).sum(1) / a.sum(1).clamp_min(torch.finfo(a.dtype).tiny)
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from lightning_robust.utils.validation import check_fraction, check_positive, check_positive_int
+from lightning_robust.utils.validation import check_finite, check_fraction, check_positive, check_positive_int
 
 __all__ = [
     "certified_topk_intersection",
@@ -96,6 +96,7 @@ def gradient_saliency(model: nn.Module, x: torch.Tensor, target: Target = None, 
     Example:
         >>> g = gradient_saliency(net, x)            # signed gradient of the predicted logit
     """
+    check_finite("x", x)
     _check_input(x)
     with torch.inference_mode(False), torch.enable_grad():
         x0 = x.detach().clone().requires_grad_(True)
@@ -108,6 +109,7 @@ def gradient_saliency(model: nn.Module, x: torch.Tensor, target: Target = None, 
 
 def scale_saliency(grad: torch.Tensor) -> torch.Tensor:
     """``|g| / max|g|`` per sample (values in [0, 1]; an all-zero map stays zero): "scaled" saliency."""
+    check_finite("grad", grad)
     a = grad.abs().flatten(1)
     return (a / a.amax(1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)).view_as(grad)
 
@@ -122,6 +124,7 @@ def sparsify_saliency(grad: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
     Raises:
         ValueError: if ``tau`` is not in (0, 1].
     """
+    check_finite("grad", grad)
     check_fraction("tau", tau, inclusive_low=False, inclusive_high=True)
     a = grad.abs().flatten(1)
     k = _sparse_count(a.shape[1], tau)
@@ -180,6 +183,7 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: Target = None, n_sampl
     Example:
         >>> g = smoothgrad(net, x, n_samples=100, sigma=0.15, generator=torch.Generator().manual_seed(0))
     """
+    check_finite("x", x)
     return _smoothed(model, x, target, n_samples, sigma, batch_size, generator, None)
 
 
@@ -191,6 +195,7 @@ def scaled_smoothgrad(model: nn.Module, x: torch.Tensor, target: Target = None, 
     Arguments as in :func:`smoothgrad`. Its values lie in [0, 1], so :func:`certified_topk_intersection`
     applies to it as well.
     """
+    check_finite("x", x)
     return _smoothed(model, x, target, n_samples, sigma, batch_size, generator, scale_saliency)
 
 
@@ -216,6 +221,7 @@ def sparsified_smoothgrad(model: nn.Module, x: torch.Tensor, target: Target = No
         >>> s = sparsified_smoothgrad(net, x, n_samples=1024, sigma=0.25, tau=0.1)
         >>> certified_topk_intersection(s, k=13, radius=0.1, sigma=0.25, n_samples=1024)
     """
+    check_finite("x", x)
     check_fraction("tau", tau, inclusive_low=False, inclusive_high=True)
     return _smoothed(model, x, target, n_samples, sigma, batch_size, generator,
                      lambda g: sparsify_saliency(g, tau))
@@ -233,6 +239,7 @@ def topk_mask(saliency: torch.Tensor, k: int, absolute: bool = True) -> torch.Te
     Raises:
         ValueError: if ``k`` is not in (0, d].
     """
+    check_finite("saliency", saliency)
     flat = saliency.flatten(1)
     flat = flat.abs() if absolute else flat
     _check_k(k, flat.shape[1])
@@ -248,6 +255,8 @@ def topk_intersection(a: torch.Tensor, b: torch.Tensor, k: int, absolute: bool =
     Raises:
         ValueError: on different shapes or ``k`` outside (0, d].
     """
+    check_finite("a", a)
+    check_finite("b", b)
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     return (topk_mask(a, k, absolute) & topk_mask(b, k, absolute)).sum(1)
@@ -298,6 +307,7 @@ def certified_topk_intersection(saliency: torch.Tensor, k: int, radius: float | 
         >>> s = sparsified_smoothgrad(net, x, n_samples=2048, sigma=0.2, tau=0.1)
         >>> certified_topk_intersection(s, k=16, radius=[0.05, 0.1], sigma=0.2, n_samples=2048) / 16
     """
+    check_finite("saliency", saliency)
     check_positive("sigma", sigma)
     radii = [radius] if isinstance(radius, (int, float)) else list(radius)
     for r in radii:

@@ -30,6 +30,7 @@ from torch import nn
 
 from lightning_robust.utils.validation import (
     check_choice,
+    check_finite,
     check_non_negative,
     check_positive,
     check_positive_int,
@@ -78,6 +79,7 @@ def input_jacobian(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
     Returns:
         ``(logits [B, C], J [B, C, D])`` with ``D`` the number of input features.
     """
+    check_finite("x", x)
     _check_x(x)
     check_positive_int("batch_size", batch_size)
     with torch.inference_mode(False), torch.enable_grad():
@@ -142,6 +144,7 @@ def relu_input_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None
     Example:
         >>> H = relu_input_hessian(net.double(), x.double(), y)   # [B, 64, 64] for 8x8 digits
     """
+    check_finite("x", x)
     logits, J = input_jacobian(model, x, batch_size)
     _labels(y, logits)
     Jd = J.double()
@@ -154,6 +157,7 @@ def hessian_factor(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
     Returns:
         ``(logits [B, C], F [B, D, C])``.
     """
+    check_finite("x", x)
     logits, J = input_jacobian(model, x, batch_size)
     return logits, (J.double().transpose(1, 2) @ _sqrt_psd(_softmax_stats(logits)[1])).to(J.dtype)
 
@@ -206,6 +210,7 @@ def hessian_eigen_analysis(model: nn.Module, x: torch.Tensor, y: torch.Tensor | 
         >>> info = hessian_eigen_analysis(net, x)
         >>> info.cosine, info.confidence
     """
+    check_finite("x", x)
     logits, J = input_jacobian(model, x, batch_size)
     labels = _labels(y, logits)
     p, A = _softmax_stats(logits)
@@ -251,6 +256,8 @@ def hessian_vector_product(model: nn.Module, x: torch.Tensor, y: torch.Tensor | 
     Returns:
         ``H v`` shaped like ``v``.
     """
+    check_finite("x", x)
+    check_finite("v", v)
     _check_x(x)
     with torch.inference_mode(False), torch.enable_grad():
         x0, _, g = _loss_and_input_grad(model, x, y)
@@ -265,6 +272,7 @@ def top_hessian_eigen(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
     For networks without a closed form (the authors use 10 iterations). Returns ``(eigenvalue [B],
     unit eigenvector [B, D])``.
     """
+    check_finite("x", x)
     _check_x(x)
     check_positive_int("n_iter", n_iter)
     with torch.inference_mode(False), torch.enable_grad():
@@ -308,6 +316,9 @@ def caso_solve(grad: torch.Tensor, hvp: MatVec | None, lambda1: float, lambda2: 
     Returns:
         ``[B, D]`` the (approximate) maximizer ``Δ``.
     """
+    check_finite("grad", grad)
+    check_finite("lambda2", lambda2)
+    check_finite("init", init)
     check_non_negative("lambda1", lambda1)
     check_positive_int("n_iter", n_iter)
     if isinstance(lr, torch.Tensor):
@@ -405,6 +416,7 @@ def group_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = N
         >>> caso = group_features(net, x, lambda1=1e-3, lambda2=4.0)
         >>> cafo = group_features(net, x, lambda1=1e-3, lambda2=4.0, second_order=False)
     """
+    check_finite("x", x)
     _check_x(x)
     check_non_negative("lambda1", lambda1)
     check_positive("lambda2", lambda2)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import Metric
 
-from lightning_robust.utils.validation import check_non_negative
+from lightning_robust.utils.validation import check_finite, check_non_negative
 
 __all__ = ["CertifiedAccuracy", "certified_accuracy"]
 
@@ -28,6 +28,7 @@ def certified_accuracy(radius: torch.Tensor, correct: torch.Tensor, radii: Seque
     Returns:
         ``[R]`` float tensor (NaN-free; 0 for an empty batch).
     """
+    check_finite("radius", radius, allow_posinf=True)
     eps = torch.as_tensor(radii, dtype=radius.dtype if radius.is_floating_point() else torch.float32,
                           device=radius.device).reshape(-1, 1)
     ok = correct.reshape(1, -1).bool() & ((radius.reshape(1, -1) > eps) | (eps == 0))
@@ -75,6 +76,7 @@ class CertifiedAccuracy(Metric):
 
     def update(self, radius: torch.Tensor, preds: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``radius`` [N] certified radii, ``preds`` [N] predicted classes, ``target`` [N] labels."""
+        check_finite("radius", radius, allow_posinf=True)
         radius = radius.detach().reshape(-1).to(torch.float64)
         if preds.shape != target.shape or preds.numel() != radius.numel():
             raise ValueError(f"radius, preds and target must have the same number of elements, got "

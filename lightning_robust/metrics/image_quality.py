@@ -29,7 +29,7 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from lightning_robust.utils.feature_extractor import FeatureExtractor, resolve_layer
-from lightning_robust.utils.validation import check_positive_int
+from lightning_robust.utils.validation import check_finite, check_positive_int
 
 __all__ = ["ClassifierFeatures", "PrecomputedFeatures", "image_quality"]
 
@@ -139,11 +139,15 @@ class PrecomputedFeatures(nn.Module):
         return x
 
 
-def _batches(x: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterable[torch.Tensor]:
+def _batches(name: str, x: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterable[torch.Tensor]:
+    """The batches of ``x``, each checked for NaN / inf (an iterable is checked as it is consumed)."""
     if torch.is_tensor(x):
+        check_finite(name, x)
         yield from x.split(batch_size)
     else:
-        yield from x
+        for i, xb in enumerate(x):
+            check_finite(f"{name} (batch {i})", xb)
+            yield xb
 
 
 @torch.no_grad()
@@ -179,12 +183,12 @@ def image_quality(
     if logits is not None:
         score = InceptionScore(feature=PrecomputedFeatures(logits.num_features), splits=is_splits)
     n_real = n_fake = 0
-    for xb in _batches(real, batch_size):
+    for xb in _batches("real", real, batch_size):
         f = features(xb)
         fid.update(f, real=True)
         kid.update(f, real=True)
         n_real += len(xb)
-    for xb in _batches(fake, batch_size):
+    for xb in _batches("fake", fake, batch_size):
         f = features(xb)
         fid.update(f, real=False)
         kid.update(f, real=False)

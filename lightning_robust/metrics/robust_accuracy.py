@@ -7,6 +7,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from lightning_robust.attacks import Attack, model_mode
+from lightning_robust.utils.validation import check_finite
 
 __all__ = ["RobustAccuracy"]
 
@@ -48,6 +49,8 @@ class RobustAccuracy(Metric):
     def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> None:
         """Attack ``(x, y)`` (unless ``x_adv`` is given) and count the correct predictions on the result."""
+        check_finite("x", x)
+        check_finite("x_adv", x_adv)
         if x_adv is None:
             x_adv = self.attack(model, x, y, generator=generator) if self.attack is not None else x
         with torch.no_grad(), model_mode(model, "eval"):

@@ -6,7 +6,7 @@ import torch
 from torchmetrics import Metric
 
 from lightning_robust.interpret.saliency import topk_intersection
-from lightning_robust.utils.validation import check_fraction, check_positive_int
+from lightning_robust.utils.validation import check_finite, check_fraction, check_positive_int
 
 __all__ = ["TopKIntersection"]
 
@@ -56,6 +56,8 @@ class TopKIntersection(Metric):
         return self.k if self.k is not None else max(1, int(self.k_fraction * d))
 
     def update(self, saliency: torch.Tensor, other: torch.Tensor) -> None:
+        check_finite("saliency", saliency)
+        check_finite("other", other)
         if saliency.shape != other.shape:
             raise ValueError(f"saliency and other must have the same shape, got {tuple(saliency.shape)} "
                              f"and {tuple(other.shape)}")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int
+from lightning_robust.utils.validation import check_choice, check_finite, check_positive, check_positive_int
 
 __all__ = ["COSTS", "CostFn", "cost_log_normalizer", "pairwise_cost", "resolve_cost"]
 
@@ -34,6 +34,8 @@ def pairwise_cost(x: torch.Tensor, y: torch.Tensor, cost: str = "l2") -> torch.T
     Example:
         >>> C = pairwise_cost(torch.randn(5, 2), torch.randn(7, 2), "l1")  # [5, 7]
     """
+    check_finite("x", x)
+    check_finite("y", y)
     check_choice("cost", cost, COSTS)
     if x.ndim < 1 or y.ndim < 1:
         raise ValueError(f"x and y must have a leading sample dimension, got shapes {tuple(x.shape)}, {tuple(y.shape)}")

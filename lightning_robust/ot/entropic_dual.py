@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_robust.utils.validation import check_positive
+from lightning_robust.utils.validation import check_finite, check_positive
 
 __all__ = ["entropic_coupling", "entropic_dual_objective", "primal_transport_cost", "scheduled_reg"]
 
@@ -67,6 +67,9 @@ def entropic_dual_objective(d_real: torch.Tensor, d_fake: torch.Tensor, cost: to
     Raises:
         ValueError: if ``reg <= 0`` or the shapes disagree.
     """
+    check_finite("d_real", d_real)
+    check_finite("d_fake", d_fake)
+    check_finite("cost", cost)
     _check(d_real, d_fake, cost, reg)
     check_positive("exp_limit", exp_limit)
     log_p = _log_coupling(d_real, d_fake, cost, reg)
@@ -84,6 +87,9 @@ def entropic_coupling(d_real: torch.Tensor, d_fake: torch.Tensor, cost: torch.Te
     ``normalize=True`` it is divided by that mass, computed as a softmax over all entries: the same
     weights up to one positive factor, and no overflow however far the critics are from optimal.
     """
+    check_finite("d_real", d_real)
+    check_finite("d_fake", d_fake)
+    check_finite("cost", cost)
     _check(d_real, d_fake, cost, reg)
     log_p = _log_coupling(d_real, d_fake, cost, reg)
     if normalize:
@@ -96,6 +102,8 @@ def primal_transport_cost(coupling: torch.Tensor, cost: torch.Tensor) -> torch.T
 
     By the envelope theorem this has the gradient of the entropic OT cost with respect to the generator.
     """
+    check_finite("coupling", coupling)
+    check_finite("cost", cost)
     if coupling.shape != cost.shape:
         raise ValueError(f"coupling and cost must have the same shape, got {tuple(coupling.shape)} and "
                          f"{tuple(cost.shape)}")

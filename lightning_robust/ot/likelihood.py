@@ -42,7 +42,7 @@ from torch import nn
 
 from lightning_robust.ot.costs import COSTS, CostFn, cost_log_normalizer, resolve_cost
 from lightning_robust.ot.sinkhorn import sinkhorn
-from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int
+from lightning_robust.utils.validation import check_choice, check_finite, check_positive, check_positive_int
 
 __all__ = ["LikelihoodResult", "SoftCTransform", "entropic_log_likelihood", "fit_fake_potential"]
 
@@ -282,6 +282,7 @@ def fit_fake_potential(
     Raises:
         ValueError: as :func:`~lightning_robust.ot.sinkhorn` and for bad sizes.
     """
+    check_finite("data", data)
     check_positive_int("n_latents", n_latents)
     device = _device_of(generator, data.device)
     shape = _latent_shape(generator, latent_dim)

@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_robust.utils.validation import (
     check_choice,
+    check_finite,
     check_positive,
     check_positive_int,
     check_probability_vector,
@@ -43,6 +44,7 @@ def kmeans(x: torch.Tensor, k: int, n_iter: int = 100, seed: int = 0) -> tuple[t
     Raises:
         ValueError: if ``k < 1`` or ``k > N``.
     """
+    check_finite("x", x)
     check_positive_int("k", k)
     check_positive_int("n_iter", n_iter)
     check_seed("seed", seed)
@@ -150,6 +152,7 @@ def assign_to_generators(
     Example:
         >>> labels, dist = assign_to_generators(x, nwgan.components, nwgan.latent_dim)
     """
+    check_finite("x", x)
     if len(generators) == 0:
         raise ValueError("generators must hold at least one generator (K >= 1)")
     check_choice("method", method, ("projection", "nearest"))
@@ -224,6 +227,10 @@ def mixture_recovery_errors(samples: torch.Tensor, means: torch.Tensor, covarian
     Raises:
         ValueError: on inconsistent shapes or proportions.
     """
+    check_finite("samples", samples)
+    check_finite("means", means)
+    check_finite("covariances", covariances)
+    check_finite("proportions", proportions)
     pi = check_probability_vector("proportions", proportions)
     means = means.double().cpu()
     k, d = means.shape

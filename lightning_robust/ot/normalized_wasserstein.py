@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_robust.utils.validation import (
+    check_finite,
     check_non_negative,
     check_positive,
     check_positive_int,
@@ -136,6 +137,7 @@ def class_mixture_weights(labels: torch.Tensor, proportions: torch.Tensor) -> to
     Raises:
         ValueError: on labels outside ``0..K-1`` or an empty batch.
     """
+    check_finite("proportions", proportions)
     k = _check_proportions_shape(proportions)
     labels = labels.reshape(-1).long()
     if labels.numel() == 0:
@@ -165,6 +167,8 @@ def mixture_expectation(component_scores: ComponentScores, proportions: torch.Te
     Raises:
         ValueError: if the number of components and of proportions differ, or a component is empty.
     """
+    check_finite("component_scores", component_scores)
+    check_finite("proportions", proportions)
     if labels is not None:
         if not torch.is_tensor(component_scores):
             raise ValueError("with labels, component_scores must be one tensor of per-sample scores")
@@ -221,6 +225,9 @@ def normalized_wasserstein(target_scores: torch.Tensor, component_scores: Compon
         >>> nw = normalized_wasserstein(critic(real), critic(fake.flatten(0, 1)).view(3, -1), pi())
         >>> critic_loss, generator_loss = -nw, nw                     # (critic step uses pi().detach())
     """
+    check_finite("target_scores", target_scores)
+    check_finite("component_scores", component_scores)
+    check_finite("proportions", proportions)
     t = target_scores.reshape(target_scores.shape[0], -1) if target_scores.ndim else target_scores.reshape(1, 1)
     if t.shape[1] != 1 or t.shape[0] == 0:
         raise ValueError(f"target_scores must hold one score per target sample, got shape {tuple(target_scores.shape)}")
@@ -245,6 +252,8 @@ def sample_mixture(component_samples: torch.Tensor, proportions: torch.Tensor, n
     Returns:
         ``(samples [n, ...], components [n])``.
     """
+    check_finite("component_samples", component_samples)
+    check_finite("proportions", proportions)
     k = _check_proportions_shape(proportions, component_samples.shape[0])
     m = component_samples.shape[1]
     n = m if n is None else check_positive_int("n", n)
@@ -320,6 +329,9 @@ def estimate_normalized_wasserstein(
         >>> est = estimate_normalized_wasserstein(x, [c0, c1, c2], steps=1000)
         >>> est.value, est.proportions
     """
+    check_finite("target", target)
+    check_finite("components", components)
+    check_finite("proportions", proportions)
     if len(components) == 0:
         raise ValueError("components must hold at least one sample set (K >= 1)")
     check_positive_int("steps", steps)
@@ -550,6 +562,9 @@ def normalized_wasserstein_sinkhorn(
         >>> res = normalized_wasserstein_sinkhorn(x, [c0, c1, c2])
         >>> res.value, res.proportions          # ~0 and x's proportions when x is a mixture of c0..c2
     """
+    check_finite("x", x)
+    check_finite("components", components)
+    check_finite("proportions", proportions)
     check_positive("reg", reg)
     if power not in (1, 2):
         raise ValueError(f"power must be 1 or 2, got {power!r}")

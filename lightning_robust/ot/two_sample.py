@@ -25,6 +25,7 @@ from lightning_robust.ot.mixtures import kmeans
 from lightning_robust.ot.normalized_wasserstein import _nw_sinkhorn_cost, _pairwise_cost
 from lightning_robust.utils.validation import (
     check_choice,
+    check_finite,
     check_non_negative,
     check_positive,
     check_positive_int,
@@ -103,6 +104,9 @@ def nw_two_sample_test(
         >>> res.p_value                                             # large: not rejected
         >>> nw_two_sample_test(x, y, statistic="w").p_value         # small: W sees the proportions
     """
+    check_finite("x", x)
+    check_finite("y", y)
+    check_finite("components", components)
     check_choice("statistic", statistic, ("nw", "w"))
     check_positive_int("n_permutations", n_permutations)
     check_positive("reg", reg)

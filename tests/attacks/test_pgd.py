@@ -99,3 +99,22 @@ def test_pgd_within_l2_budget_with_random_start(trained_digits_cnn, batch):
     x_adv = attack(trained_digits_cnn, x, y, generator=torch.Generator().manual_seed(0))
     dist = (x_adv - x).flatten(1).norm(dim=1)
     assert (dist <= 0.7 + 1e-5).all() and attack.threat.contains(x_adv, x).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 8 / 255), ("l2", 0.5)])
+def test_low_precision_pgd_stays_within_eps(dtype, norm, eps):
+    # Issue 18: x +- eps rounded to float16 fell outside the ball (|delta| = 0.03149 > 8/255). The attack
+    # now projects in float32 and rounds toward x; checked exactly, in float64, on every sample.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)).to(dtype)
+    x = torch.rand(64, 3, 4, 4).to(dtype)
+    y = torch.randint(0, 3, (64,))
+    for attack in (PGD(eps=eps, steps=5, norm=norm), FGSM(eps=eps, norm=norm, random_start=True)):
+        x_adv = attack(net, x, y)
+        assert x_adv.dtype == dtype
+        delta = (x_adv.double() - x.double()).flatten(1)
+        dist = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+        assert float(dist.max()) <= eps * (1 + 1e-6)
+        assert float(x_adv.double().min()) >= 0 and float(x_adv.double().max()) <= 1
+        assert (x_adv != x).any()  # it did move

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from lightning_robust.certify import (
+    CERTIFICATE_METHODS,
+    NotPiecewiseLinearError,
     certify,
     decision_boundary_certificate,
     decision_boundary_radius,
@@ -214,3 +216,37 @@ def test_simplex_hinge_loss_vanishes_exactly_beyond_the_certificate(toy_2d):
         assert float(below) == 0.0 and float(above) > 0.0
     loss, _ = simplex_hinge_loss(net, x, (y + 1) % 3, 1.0)  # wrong labels: negative distances, big hinge
     assert float(loss) > 1.0
+
+
+def test_empty_batch_gives_empty_radii():
+    # Issue 18: an empty batch raised an IndexError from deep inside the tracer.
+    net = MLP(4, 3, hidden=(5,))
+    for method in CERTIFICATE_METHODS:
+        r = certify(net, torch.zeros(0, 4), method=method)
+        assert r.shape == (0,) and r.dtype == torch.float32
+    assert simplex_certificate(net, torch.zeros(0, 4, dtype=torch.float64), signed=True).shape == (0,)
+
+
+class _MaskNet(torch.nn.Module):
+    """A ReLU written as a comparison mask: ``z * (z > 0)`` (or ``torch.where(z > 0, z, 0.1 z)``)."""
+
+    def __init__(self, where: bool = False):
+        super().__init__()
+        self.where = where
+        self.fc1, self.fc2 = torch.nn.Linear(4, 5), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        z = self.fc1(x)
+        return self.fc2(torch.where(z > 0, z, 0.1 * z) if self.where else z * (z > 0))
+
+
+@pytest.mark.parametrize("where", [False, True])
+def test_comparison_masks_get_a_clear_error(where):
+    # Issue 18: `z > 0` on a traced activation raised "TypeError: '>' not supported between instances of
+    # 'Traced' and 'int'"; it is now a NotPiecewiseLinearError that names the module and the comparison.
+    net = _MaskNet(where)
+    with pytest.raises(NotPiecewiseLinearError, match=r"top-level module \(_MaskNet\) compares an input-dependent "
+                                                      r"tensor with `>`.*nn.ReLU"):
+        simplex_certificate(net, torch.rand(2, 4))
+    with pytest.raises(NotPiecewiseLinearError, match="compares"):
+        decision_boundary_certificate(net, torch.rand(2, 4))

@@ -7,6 +7,7 @@ import torch
 
 from lightning_robust.datamodules import IMDBDataModule, PadCollate, read_imdb, safe_extract
 from lightning_robust.datamodules.imdb import download_imdb
+from lightning_robust.datamodules.integrity import DataIntegrityError, write_checksum_manifest
 from lightning_robust.utils.text import WordVocabulary, basic_tokenize
 from tests.helpers.imdb import make_imdb_folder, make_imdb_tar
 
@@ -19,7 +20,7 @@ def imdb_dir(tmp_path):
 def test_folder_and_archive_read_identically(imdb_dir, tmp_path):
     from_folder = read_imdb(imdb_dir)
     archive = make_imdb_tar(imdb_dir, tmp_path / "aclImdb_v1.tar.gz")
-    from_tar = read_imdb(archive)
+    from_tar = read_imdb(archive, verify=False)
     for split, n in (("train", 16), ("test", 8)):
         a, b = from_folder[split], from_tar[split]
         assert len(a) == len(b) == n
@@ -31,13 +32,13 @@ def test_folder_and_archive_read_identically(imdb_dir, tmp_path):
     only_tar = tmp_path / "only_tar"
     only_tar.mkdir()
     (only_tar / "aclImdb_v1.tar.gz").write_bytes(archive.read_bytes())
-    assert read_imdb(only_tar)["train"].texts == from_folder["train"].texts
+    assert read_imdb(only_tar, verify=False)["train"].texts == from_folder["train"].texts
 
 
 def test_archive_member_escaping_the_folder_is_refused(imdb_dir, tmp_path):
     bad = make_imdb_tar(imdb_dir, tmp_path / "evil.tar.gz", extra={"aclImdb/../../evil.txt": b"pwned"})
     with pytest.raises(ValueError, match=r"member 'aclImdb/\.\./\.\./evil\.txt' has a path that escapes"):
-        read_imdb(bad)
+        read_imdb(bad, verify=False)
     dest = tmp_path / "out" / "inner"
     with pytest.raises(ValueError, match="escapes"):
         safe_extract(bad, dest)
@@ -48,7 +49,7 @@ def test_archive_member_escaping_the_folder_is_refused(imdb_dir, tmp_path):
         safe_extract(absolute, tmp_path / "out2")
     link = make_imdb_tar(imdb_dir, tmp_path / "link.tar.gz", symlink=("aclImdb/train/pos/99_9.txt", "/etc/passwd"))
     with pytest.raises(ValueError, match="is a link"):
-        read_imdb(link)
+        read_imdb(link, verify=False)
     with pytest.raises(ValueError, match="is a link"):
         safe_extract(link, tmp_path / "out3")
 
@@ -61,7 +62,7 @@ def test_safe_extract_then_read(imdb_dir, tmp_path):
     d = tmp_path / "dm"
     d.mkdir()
     (d / "aclImdb_v1.tar.gz").write_bytes(archive.read_bytes())
-    dm = IMDBDataModule(str(d), extract=True, tokenizer="word")
+    dm = IMDBDataModule(str(d), extract=True, tokenizer="word", verify=False)
     dm.prepare_data()
     assert (d / "aclImdb" / "train" / "pos").is_dir()
 
@@ -74,7 +75,7 @@ def test_bad_review_files_are_named(imdb_dir, tmp_path, content, match):
         read_imdb(imdb_dir)
     archive = make_imdb_tar(imdb_dir, tmp_path / "bad.tar.gz")
     with pytest.raises(ValueError, match=f"aclImdb/train/neg/77_1.txt in .*bad.tar.gz {match}"):
-        read_imdb(archive)
+        read_imdb(archive, verify=False)
 
 
 def test_missing_data_names_the_layout_and_url(tmp_path):
@@ -169,7 +170,8 @@ def test_minilm_tokenizer_and_glove_vocabulary(imdb_dir):
 @pytest.mark.data
 def test_real_imdb_archive_counts(shared_data, tmp_path):
     vocab = WordVocabulary.build(["the movie was good and the plot was bad"]).save(tmp_path / "vocab.txt")
-    dm = IMDBDataModule(str(shared_data / "IMDB"), tokenizer=str(vocab), val_fraction=0.0)
+    # The shared copy is a re-packed archive (its MD5 is not the official one); its gzip CRC is still checked.
+    dm = IMDBDataModule(str(shared_data / "IMDB"), tokenizer=str(vocab), val_fraction=0.0, verify=False)
     full, test = dm.build_datasets()
     assert len(full) == 25_000 and len(test) == 25_000
     for ds in (full, test):
@@ -177,3 +179,58 @@ def test_real_imdb_archive_counts(shared_data, tmp_path):
     ids, label = test[0]
     assert ids.dtype == torch.long and 0 < len(ids) <= 256 and label == 0
 
+
+
+def test_local_archive_is_checked_against_the_official_md5_by_default(imdb_dir, tmp_path, monkeypatch):
+    # Issue 18: a local aclImdb_v1.tar.gz was read without any checksum. Now the official MD5 is the default;
+    # verify=False and a manifest (for a re-packed copy) are the two ways out.
+    d = tmp_path / "dm"
+    archive = make_imdb_tar(imdb_dir, d / "aclImdb_v1.tar.gz") if d.mkdir() is None else None
+    assert archive is not None
+    with pytest.raises(DataIntegrityError, match=r"aclImdb_v1\.tar\.gz: checksum mismatch .*official.*verify=False"):
+        read_imdb(d)
+    with pytest.raises(DataIntegrityError, match="checksum mismatch"):
+        IMDBDataModule(str(d), tokenizer="word").build_datasets()
+    assert len(read_imdb(d, verify=False)["train"]) == 16
+    manifest = write_checksum_manifest(d, ["aclImdb_v1.tar.gz"], name="MY_MD5SUMS")
+    assert len(read_imdb(d, checksums=manifest)["train"]) == 16
+    monkeypatch.setattr("lightning_robust.datamodules.imdb.IMDB_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    assert len(read_imdb(d)["test"]) == 8  # the "official" archive passes
+
+
+def _flip(data: bytes, pos: int) -> bytes:
+    return data[:pos] + bytes([data[pos] ^ 0x10]) + data[pos + 1:]
+
+
+def test_flipped_bits_in_the_compressed_archive_are_errors_naming_it(imdb_dir, tmp_path):
+    # Issue 18: the streaming tar reader stops at the tar end marker and never checks the gzip CRC, so one
+    # flipped bit changed reviews silently. Every flip in the deflate data or the trailer is now an error
+    # naming the file (the gzip header, a time stamp and the original file name, is not covered by the CRC;
+    # the MD5 covers it).
+    archive = make_imdb_tar(imdb_dir, tmp_path / "aclImdb_v1.tar.gz")
+    data = archive.read_bytes()
+    assert data[3] == 0x08  # FNAME only: the header ends after the zero-terminated name
+    start = data.index(b"\0", 10) + 1
+    clean = read_imdb(archive, verify=False)
+    bad = tmp_path / "flipped" / "aclImdb_v1.tar.gz"
+    bad.parent.mkdir()
+    positions = [*range(start, len(data), max(1, (len(data) - start) // 40)), len(data) - 8, len(data) - 1]
+    for pos in positions:
+        bad.write_bytes(_flip(data, pos))
+        with pytest.raises((DataIntegrityError, ValueError), match=r"flipped/aclImdb_v1\.tar\.gz"):
+            read_imdb(bad, verify=False)
+    bad.write_bytes(data)
+    assert read_imdb(bad, verify=False)["train"].texts == clean["train"].texts
+
+
+def test_truncated_archive_is_an_error_naming_it(imdb_dir, tmp_path):
+    archive = make_imdb_tar(imdb_dir, tmp_path / "aclImdb_v1.tar.gz")
+    data = archive.read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    for size in (len(data) // 2, len(data) - 20, len(data) - 8, len(data) - 1):
+        cut.write_bytes(data[:size])
+        with pytest.raises(DataIntegrityError, match=r"cut\.tar\.gz: the archive is truncated or corrupted"):
+            read_imdb(cut, verify=False)
+        with pytest.raises(DataIntegrityError, match=r"cut\.tar\.gz: the archive is truncated or corrupted"):
+            safe_extract(cut, tmp_path / "out")
+        assert not (tmp_path / "out").exists()

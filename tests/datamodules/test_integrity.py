@@ -220,3 +220,72 @@ def test_image_list_errors_name_the_line(tmp_path):
         read_image_list(p, 12)
     p.write_text("dir with space/a b.png 4\n")
     assert read_image_list(p, 12) == (["dir with space/a b.png"], [4])
+
+
+class _DatalessArray:
+    """Pickles as NumPy's ``_reconstruct(ndarray, shape, uint8)`` with no ``__setstate__`` data after it."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def __reduce__(self):
+        return (np.ndarray.__reduce__(np.zeros(0, np.uint8))[0], (np.ndarray, self.shape, np.dtype(np.uint8)))
+
+
+@pytest.mark.parametrize("n_images", [200, 20_000])
+def test_cifar_arrays_without_their_data_are_refused(tmp_path, n_images):
+    # Issue 18: a 616-byte data_batch_1 loaded as 200 images of uninitialised memory (and a larger declared
+    # shape allocated as much as it liked). Arrays must come with exactly their bytes, never more than the file.
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({"data": _DatalessArray((n_images, 3072)), "labels": [0] * n_images}, protocol=2))
+    assert path.stat().st_size < n_images * 3072
+    with pytest.raises(DataIntegrityError, match=r"data_batch_1: cannot unpickle .*without its data"):
+        load_cifar_batch(path)
+
+
+def test_cifar_array_state_must_match_its_shape(tmp_path):
+    # A state whose shape declares more bytes than its data holds is refused, and real batches round-trip.
+    path = tmp_path / "data_batch_1"
+    x = np.random.default_rng(0).integers(0, 256, size=(4, 3072), dtype=np.uint8)
+    for protocol in (2, 4):
+        path.write_bytes(pickle.dumps({"data": x, "labels": [1, 2, 3, 4]}, protocol=protocol))
+        data, labels = load_cifar_batch(path)
+        assert type(data) is np.ndarray and np.array_equal(data.reshape(4, -1), x) and labels.tolist() == [1, 2, 3, 4]
+    blob = pickle.dumps({"data": x, "labels": [1, 2, 3, 4]}, protocol=2)
+    # The shape tuple (4, 3072) is pickled as two BININT/BININT2 opcodes; make it (40, 3072).
+    patched = blob.replace(b"K\x04M\x00\x0c", b"K(M\x00\x0c", 1)
+    assert patched != blob
+    path.write_bytes(patched)
+    with pytest.raises(DataIntegrityError, match=r"data_batch_1: cannot unpickle"):
+        load_cifar_batch(path)
+
+
+def test_idx_gzip_bomb_is_not_decompressed_beyond_the_declared_size(tmp_path):
+    # Issue 18: a 1 MB gzip bomb became 1 GB in memory. The header declares 2 x 2 bytes; 64 MB of zeros
+    # follow. Decompression stops one byte past the declared payload.
+    import tracemalloc
+
+    header = bytes([0, 0, 0x08, 2]) + (2).to_bytes(4, "big") * 2
+    bomb = tmp_path / "bomb-idx2-ubyte.gz"
+    bomb.write_bytes(gzip.compress(header + bytes(4) + bytes(64 * 2**20)))
+    assert bomb.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataIntegrityError, match=r"bomb-idx2-ubyte.gz: the IDX header declares 2 x 2 items "
+                                                     r"\(4 bytes of data\) but the file holds more than 4"):
+            read_idx(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20  # far below the 64 MB the bomb expands to
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_dimensions_that_overflow_are_named(tmp_path, gz):
+    # 2^31 x 2^31 x 4 one-byte items: the int64 product wraps to 0, which an empty payload "matched".
+    header = bytes([0, 0, 0x08, 3]) + (2**31).to_bytes(4, "big") * 2 + (4).to_bytes(4, "big")
+    path = tmp_path / ("over-idx3-ubyte" + (".gz" if gz else ""))
+    path.write_bytes(gzip.compress(header) if gz else header)
+    with pytest.raises(DataIntegrityError, match=r"over-idx3-ubyte(\.gz)?: the IDX header declares "
+                                                 r"2147483648 x 2147483648 x 4 items.*overflow"):
+        read_idx(path)

@@ -190,3 +190,82 @@ def test_numpy_reference_agrees_on_class_imbalanced_data():
     counts = np.stack([np.bincount(y[row], minlength=3) for row in nb])
     ref = counts[np.arange(150), y] == counts.max(1)
     assert np.array_equal(deep_knn_filter(torch.as_tensor(x), torch.as_tensor(y)).numpy(), ref)
+
+
+def _exact_keep(x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """Float64 brute force by differences (no ``|a|^2 - 2ab + |b|^2`` expansion), (distance, index) order."""
+    x = x.double()
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    d.fill_diagonal_(float("inf"))
+    nb = torch.sort(d, dim=1, stable=True).indices[:, :k]
+    counts = torch.stack([torch.bincount(y[row], minlength=int(y.max()) + 1) for row in nb])
+    return counts.gather(1, y[:, None]).squeeze(1) == counts.max(1).values
+
+
+def _grid_clusters(seed: int, n: int = 200, d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three overlapping clusters with coordinates on the 2^-10 grid in [0, 1): exactly representable in
+    float16 and, after adding 1000 or scaling by a power of two, in float32, so those copies have exactly the
+    geometry of the original."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    centres = torch.rand(3, d, generator=g, dtype=torch.float64) * 0.3 + 0.35
+    x = (centres[y] + 0.12 * torch.randn(n, d, generator=g, dtype=torch.float64)).clamp(0, 1023 / 1024)
+    return torch.round(x * 1024) / 1024, y
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shifted_scaled_and_half_copies_match_an_exact_float64_reference(seed):
+    # Issue 18: ||x||^2 - 2 x.q in the input dtype cancelled (float32 + 1000 removed other points than the
+    # exact filter) and overflowed in float16 (features x 64 give squared norms above 65504).
+    x, y = _grid_clusters(seed)
+    k = 15
+    ref = _exact_keep(x, y, k)
+    exact_copies = {
+        "float32 + 1000": x.float() + 1000, "float32 + 16000": x.float() + 16000,
+        "float32 x 2^20": x.float() * 2**20, "float32 x 2^-20": x.float() * 2**-20,
+        "float16": x.half(), "float16 x 64": x.half() * 64, "float16 x 2^-8": x.half() * 2**-8,
+        "bfloat16 x 2^30": (x * 4).floor().bfloat16() * 2**30,
+        "float64 + 1e9": x + 1e9,
+    }
+    for name, copy in exact_copies.items():
+        want = ref if name != "bfloat16 x 2^30" else _exact_keep(copy, y, k)
+        assert torch.equal(deep_knn_filter(copy, y, k), want), name
+    # Copies whose rounding changes the geometry: equal to the float64 reference of the copy's own values.
+    g = torch.Generator().manual_seed(10 + seed)
+    z = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    for name, copy in {"float32 x 100 + 1000": (z * 100 + 1000).float(), "float16 x 100": (z * 100).half(),
+                       "float16 + 40": (z + 40).half(), "float64 + 1e12": z + 1e12}.items():
+        want = _exact_keep(copy, y, k)
+        assert torch.equal(deep_knn_filter(copy, y, k), want), name
+        assert torch.equal(deep_knn_filter(copy, y, k, chunk_size=7), want), name
+        for balance in ("none", "replicate"):
+            assert torch.equal(knn_vote_counts(copy, y, k, class_balance=balance),
+                               knn_vote_counts(copy.double(), y, k, class_balance=balance)), name
+
+
+def test_issue_example_offset_1000_in_float32():
+    # The report's case: 200 Gaussian points, an offset of 1000 (float32); the exact filter removes the same
+    # points with or without the offset (up to the float32 rounding of the shifted values).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g)
+    y = torch.randint(0, 2, (200,), generator=g)
+    shifted = x + 1000
+    assert torch.equal(deep_knn_filter(shifted, y, 20), _exact_keep(shifted, y, 20))
+    assert torch.equal(deep_knn_filter(x, y, 20), _exact_keep(x, y, 20))
+
+
+def test_sparse_label_ids_cost_no_per_id_memory():
+    # Labels 0, 2,000,000 and 2**41: counts over dense ids, the same decisions as labels 0, 1, 2 (ids keep
+    # their order, so tie_break="smallest" picks the same label). A per-id count row of 2**41 columns could
+    # not even be allocated.
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(60, 3, generator=g)
+    y = torch.randint(0, 3, (60,), generator=g)
+    sparse = torch.tensor([0, 2_000_000, 2**41])[y]
+    assert default_k(sparse) == default_k(y)
+    for tie_break in ("keep", "remove", "smallest"):
+        for balance in ("none", "replicate"):
+            assert torch.equal(deep_knn_filter(x, sparse, 9, tie_break=tie_break, class_balance=balance),
+                               deep_knn_filter(x, y, 9, tie_break=tie_break, class_balance=balance))
+    counts = knn_vote_counts(x, torch.tensor([0, 5, 9])[y], 9)
+    assert counts.shape == (60, 10) and torch.equal(counts[:, [0, 5, 9]], knn_vote_counts(x, y, 9))

