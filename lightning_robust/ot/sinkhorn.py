@@ -295,11 +295,17 @@ def _iterate_absorb(K: torch.Tensor, a: torch.Tensor, b: torch.Tensor, log_a: to
     method is as stable as :func:`_iterate_log` and converges to the same fixed point.
     """
     pos_a, pos_b = a > 0, b > 0
+    # Zero weights need masks (their scalings are 0); without them the loop skips every torch.where.
+    zeros = not bool(pos_a.all()) or not bool(pos_b.all())
     s = log_a + alpha
     t = log_b + _col_softmin(K, s)
+    lo, hi = math.exp(-_ABSORB), math.exp(_ABSORB)
 
     def kernel(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.exp(K + s[..., :, None] + t[..., None, :])
+
+    def alpha_of(s: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+        return s + (torch.where(pos_a, U.log(), 0.0) if zeros else U.log()) - log_a
 
     Kt = kernel(s, t)
     U = torch.ones_like(a)
@@ -307,34 +313,53 @@ def _iterate_absorb(K: torch.Tensor, a: torch.Tensor, b: torch.Tensor, log_a: to
     it = 0
     for it in range(1, max_iter + 1):
         KtV = (Kt @ V[..., None])[..., 0]
-        U_new = torch.where(pos_a, a / KtV, 0.0)
-        if it % check_every == 0:
-            # U KtV / a is the row marginal relative to a (the columns are exact here); its log is the update
-            # of alpha that this half-step makes.
-            ratio = torch.where(pos_a, U * KtV / a, 1.0)
-            err = (a * (ratio - 1.0)).abs().sum(-1)
-            if rule(it, _osc(-ratio.log(), pos_a), float(err.nan_to_num(math.inf).amax())):
-                return s + torch.where(pos_a, U.log(), 0.0) - log_a, it, True
+        check = it % check_every == 0
+        stats: list[torch.Tensor] = []
+        if check:
+            # U KtV is the row marginal (the columns are exact here) and log(U KtV / a) is the update of alpha
+            # this half-step makes: its oscillation is log(max ratio / min ratio). One sync for everything.
+            rows = U * KtV
+            ratio = rows / a
+            err = (rows - a).abs().sum(-1)
+            if zeros:
+                ratio_hi = torch.where(pos_a, ratio, 0.0).amax(-1)
+                ratio_lo = torch.where(pos_a, ratio, math.inf).amin(-1)
+            else:
+                ratio_hi, ratio_lo = ratio.amax(-1), ratio.amin(-1)
+            stats = [(ratio_hi / ratio_lo).log().amax(), err.amax()]
+        U_new = torch.where(pos_a, a / KtV, 0.0) if zeros else a / KtV
+        KtU = (U_new[..., None, :] @ Kt)[..., 0, :]
+        V_new = torch.where(pos_b, b / KtU, 0.0) if zeros else b / KtU
+        if zeros:
+            u_pos = torch.where(pos_a, U_new, 1.0)
+            v_pos = torch.where(pos_b, V_new, 1.0)
+        else:
+            u_pos, v_pos = U_new, V_new
+        stats += [torch.maximum(u_pos.amax(), v_pos.amax()), torch.minimum(u_pos.amin(), v_pos.amin())]
+        values = torch.stack(stats).tolist()
+        if check:
+            step, row_err = values[0], values[1]
+            step = math.inf if math.isnan(step) else step
+            if rule(it, step, math.inf if math.isnan(row_err) else row_err):
+                return alpha_of(s, U), it, True
             if rule.stalled:
-                return s + torch.where(pos_a, U.log(), 0.0) - log_a, it, False
-        U = U_new
-        KtU = (U[..., None, :] @ Kt)[..., 0, :]
-        lost = bool((pos_b & ~(KtU > 0)).any()) or not bool(torch.isfinite(U).all())
-        if lost:  # fall back to one log-domain step from the last good state, then re-absorb
-            s = log_a + _row_softmin(K, t + V.log())
+                return alpha_of(s, U), it, False
+        big, small = values[-2], values[-1]
+        if not (math.isfinite(big) and small > 0.0):
+            # A column (or row) of the stabilized kernel lost all its mass to underflow: redo this step in the
+            # log domain from the last good state, then re-absorb.
+            s = log_a + _row_softmin(K, t + (torch.where(pos_b, V.log(), 0.0) if zeros else V.log()))
             t = log_b + _col_softmin(K, s)
             Kt = kernel(s, t)
             U, V = torch.ones_like(a), torch.ones_like(b)
             continue
-        V = torch.where(pos_b, b / KtU, 0.0)
-        big_u = torch.where(pos_a, U.log().abs(), 0.0).amax()
-        big_v = torch.where(pos_b, V.log().abs(), 0.0).amax()
-        if bool(torch.maximum(big_u, big_v) > _ABSORB):
-            s = s + torch.where(pos_a, U.log(), 0.0)
-            t = t + torch.where(pos_b, V.log(), 0.0)
+        U, V = U_new, V_new
+        if big > hi or small < lo:
+            s = s + (torch.where(pos_a, U.log(), 0.0) if zeros else U.log())
+            t = t + (torch.where(pos_b, V.log(), 0.0) if zeros else V.log())
             Kt = kernel(s, t)
             U, V = torch.ones_like(a), torch.ones_like(b)
-    return s + torch.where(pos_a, U.log(), 0.0) - log_a, it, False
+    return alpha_of(s, U), it, False
 
 
 @torch.no_grad()
