@@ -49,7 +49,7 @@ def run(quick: bool = False) -> str:
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    cases = [(80, 0.1), (80, 0.01)] if quick else [(200, 0.1), (200, 0.01), (200, 0.001), (500, 0.1), (500, 0.01)]
+    cases = [(80, 0.1), (80, 0.01)] if quick else [(200, 0.1), (200, 0.01), (200, 0.001), (500, 0.1)]
     rows = []
     for n, rel in cases:
         m = 3 * n // 4
@@ -58,9 +58,13 @@ def run(quick: bool = False) -> str:
         ref = sinkhorn(C, a, b, reg=reg, tol=1e-12, method="log", max_iter=100_000).plan
         ours = sinkhorn(C, a, b, reg=reg)
         err_ours = float((ours.plan - ref).abs().sum())
-        k, err_pot = 10, float("inf")
+        # POT continued from its own potentials (warmstart) is the same run as one of k iterations (checked),
+        # so the search costs one run to the final k.
+        k, done, state, err_pot = 10, 0, None, float("inf")
         while k < 1_000_000:
-            P = ot.bregman.sinkhorn_log(a, b, C, reg, numItermax=k, stopThr=0.0)
+            P, log = ot.bregman.sinkhorn_log(a, b, C, reg, numItermax=k - done, stopThr=0.0, log=True,
+                                             warmstart=state)
+            state, done = (log["log_u"], log["log_v"]), k
             err_pot = float((P - ref).abs().sum())
             if err_pot <= err_ours:
                 break
