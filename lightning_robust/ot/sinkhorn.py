@@ -480,6 +480,11 @@ def sinkhorn(
     ``tol``: every entry of the returned plan is then within a relative ``~tol`` of the entropic plan, the
     value ``<P, C>`` within ``~tol <P, |C|>``, and the row marginal's L1 error below ``tol`` too.
 
+    With the defaults, problems down to ``reg = 1e-3 x`` the median cost converge within ``max_iter=1000``
+    (tested against POT run to convergence, non-square, non-uniform weights) where Newton steps apply
+    (``min(n, m) <= 2048``); larger problems at such small ``reg`` rely on ε-scaling alone and may need a
+    larger ``max_iter`` (the warning says so).
+
     Args:
         cost: ``[..., n, m]`` finite cost matrix (leading dimensions are independent problems).
         a, b: marginals ``[n]`` / ``[m]`` or batched ``[..., n]`` / ``[..., m]``: non-negative, summing to
