@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import statistics
 import warnings
 
@@ -138,7 +139,9 @@ def run(quick: bool = False) -> str:
                          sink_rows)
         + "\n\nPOT runs with `stopThr=1e-6` (L2 norm of the column violation, checked every 10 iterations); "
         "the L1 violation its plan reaches is ours `tol`. Timed alternately in one run on a shared 2-core "
-        "machine under load from other jobs, one torch thread."
+        "machine under load from other jobs, one torch thread; run with `OPENBLAS_NUM_THREADS=1` (NumPy's BLAS "
+        f"threads: {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}) so that POT's NumPy backend is not "
+        "slowed by oversubscribed BLAS threads."
         + f"\n\nThis machine's float32 matmul rate: {gflops:.1f} GFLOP/s."
     )
 
