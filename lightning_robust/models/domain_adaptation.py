@@ -97,11 +97,15 @@ class NWDomainAdaptation(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # 
        or minus the domain classifier's loss for ``"dann"`` (every batch).
 
     The source mixture is estimated from the labelled source batch itself: sample ``i`` of class ``k`` has
-    weight ``π_k / n_k`` (:func:`~lightning_robust.ot.class_mixture_weights`); the authors draw one batch per
-    class instead, which needs class-wise loaders. Use batches large enough for every class to appear.
+    weight ``π_k / n_k`` (:func:`~lightning_robust.ot.class_mixture_weights`). With
+    ``DomainAdaptationDataModule(classwise_source=True)`` the batch also holds one batch per class
+    (``"source_by_class"``) and ``"nw"`` uses those instead, as the authors do:
+    ``Σ_k π_k mean_{x ∈ batch_k} D(F(x))`` (the classification loss stays on the mixed source batch).
+    Without them, use batches large enough for every class to appear.
 
-    Metrics (``dataloader_idx`` 0 = target, 1 = source): ``val/target_acc``, ``val/target_class_acc`` (mean
-    of per-class accuracies, the authors' number), ``val/source_acc``, and ``test/*`` alike; ``train/cls_loss``,
+    Metrics (``dataloader_idx`` 0 = target, 1 = source): ``val/target_acc`` (overall), ``val/target_class_acc``
+    (class-mean: the mean of per-class accuracies, torchmetrics' ``average="macro"``; the authors' number),
+    ``val/source_acc``, and ``test/*`` alike; ``train/cls_loss``,
     ``train/critic``, ``train/pi_k``. Under DDP use ``strategy="ddp_find_unused_parameters_true"``.
 
     Args:
@@ -266,10 +270,12 @@ class NWDomainAdaptation(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # 
         src, tgt = self._split(batch)
         s, t = split_batch(src), split_batch(tgt)
         x_s, y_s = s.x, s.y.long()
+        n_s = int(x_s.shape[0])
         f_s = self.feature_extractor(x_s)
         self._check_features(f_s)
         cls_loss = F.cross_entropy(self.classifier(f_s), y_s)
         loss = cls_loss
+        by_class = batch.get("source_by_class") if isinstance(batch, dict) else None
 
         if self.method != "source_only":
             opt_d = opts[1]
@@ -285,9 +291,15 @@ class NWDomainAdaptation(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # 
                 dom = (F.binary_cross_entropy_with_logits(self._critic(f_s), ones)
                        + F.binary_cross_entropy_with_logits(self._critic(f_t), zeros))
                 loss = cls_loss - self.adaptation_weight * dom
-                self.log("train/domain_loss", d_loss.detach(), on_step=False, on_epoch=True, sync_dist=True)
+                self.log("train/domain_loss", d_loss.detach(), on_step=False, on_epoch=True, sync_dist=True,
+                         batch_size=n_s)
             else:
                 pi = self.mixture()
+                if by_class is not None and self.method == "nw":
+                    # The authors' estimate of the source mixture: one batch per class, Σ_k π_k mean_k D.
+                    parts = [split_batch(b) for b in by_class]
+                    f_s = self.feature_extractor(torch.cat([p.x for p in parts]))
+                    y_s = torch.cat([p.y.long() for p in parts])
                 fs_d, ft_d = f_s.detach(), f_t.detach()
                 d_t, d_s = self._critic(ft_d), self._critic(fs_d)
                 w = self._source_weights(y_s, pi.detach())
@@ -317,32 +329,35 @@ class NWDomainAdaptation(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # 
                 if int(self.da_step) % self.adversarial_every == 0 and self.adaptation_weight > 0:
                     align = self.alignment_objective(f_s, y_s, f_t, self.mixture().detach())
                     loss = cls_loss + self.adaptation_weight * align
-                self.log("train/critic", critic_obj.detach(), on_step=False, on_epoch=True, sync_dist=True)
+                self.log("train/critic", critic_obj.detach(), on_step=False, on_epoch=True, sync_dist=True,
+                         batch_size=n_s)
                 if self.method == "nw":
                     for k, p in enumerate(self.proportions):
-                        self.log(f"train/pi_{k}", p, on_step=False, on_epoch=True, sync_dist=True)
+                        self.log(f"train/pi_{k}", p, on_step=False, on_epoch=True, sync_dist=True, batch_size=n_s)
 
         opt_fc.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt_fc.step()
-        self.log("train/cls_loss", cls_loss.detach(), prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        self.log("train/cls_loss", cls_loss.detach(), prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
+                 batch_size=n_s)
         self.da_step += 1
 
     # ---- evaluation -------------------------------------------------------------------------------------
     def _eval_step(self, batch: Any, dataloader_idx: int, stage: str) -> None:
         b = split_batch(batch)
         pred = self(b.x).argmax(dim=1)
+        n = int(b.x.shape[0])
         if dataloader_idx == 0:
             acc, cacc = (self.target_acc, self.target_class_acc) if stage == "val" else \
                 (self.test_target_acc, self.test_target_class_acc)
             acc.update(pred, b.y)
             cacc.update(pred, b.y)
-            self.log(f"{stage}/target_acc", acc, on_epoch=True, add_dataloader_idx=False, prog_bar=True)
-            self.log(f"{stage}/target_class_acc", cacc, on_epoch=True, add_dataloader_idx=False)
+            self.log(f"{stage}/target_acc", acc, on_epoch=True, add_dataloader_idx=False, prog_bar=True, batch_size=n)
+            self.log(f"{stage}/target_class_acc", cacc, on_epoch=True, add_dataloader_idx=False, batch_size=n)
         else:
             acc = self.source_acc if stage == "val" else self.test_source_acc
             acc.update(pred, b.y)
-            self.log(f"{stage}/source_acc", acc, on_epoch=True, add_dataloader_idx=False)
+            self.log(f"{stage}/source_acc", acc, on_epoch=True, add_dataloader_idx=False, batch_size=n)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx, "val")

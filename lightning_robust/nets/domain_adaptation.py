@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
+from lightning_robust.nets.normalize import Normalize
 from lightning_robust.utils.validation import check_choice, check_fraction, check_positive_int
 
 __all__ = ["DigitFeatureExtractor", "TorchvisionBackbone"]
@@ -22,9 +25,11 @@ class DigitFeatureExtractor(nn.Module):
         in_channels: channels the convolutions expect (3 in the paper).
         image_size: side of the square input (>= 12).
         dropout: probability of the 2-D dropout after the second convolution.
+        mean, std: per-channel input normalisation ``(x - mean) / std`` as the first layer (the authors:
+            0.5 and 0.5 for every channel); none by default.
 
     Raises:
-        ValueError: on non-positive sizes or a dropout outside [0, 1).
+        ValueError: on non-positive sizes, a dropout outside [0, 1), or only one of ``mean``/``std``.
 
     Example:
         >>> f = DigitFeatureExtractor(image_size=28)
@@ -32,12 +37,19 @@ class DigitFeatureExtractor(nn.Module):
         (torch.Size([4, 768]), 768)
     """
 
-    def __init__(self, in_channels: int = 3, image_size: int = 28, dropout: float = 0.5) -> None:
+    def __init__(self, in_channels: int = 3, image_size: int = 28, dropout: float = 0.5,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
         super().__init__()
         check_positive_int("in_channels", in_channels)
         check_positive_int("image_size", image_size, minimum=12)
         check_fraction("dropout", dropout)
+        if (mean is None) != (std is None):
+            raise ValueError("mean and std must be given together (per-channel input normalisation), got "
+                             f"mean={mean!r}, std={std!r}")
         self.in_channels, self.image_size = in_channels, image_size
+        # The authors normalise inputs with mean = std = 0.5 per channel, i.e. to [-1, 1]; as a first layer, so
+        # that callers keep passing [0, 1] pixels.
+        self.normalize = Normalize(mean, std) if mean is not None and std is not None else None
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, kernel_size=5), nn.MaxPool2d(2), nn.ReLU(),
             nn.Conv2d(32, 48, kernel_size=5), nn.Dropout2d(dropout), nn.MaxPool2d(2), nn.ReLU(),
@@ -52,6 +64,8 @@ class DigitFeatureExtractor(nn.Module):
                              f"got shape {tuple(x.shape)}")
         if x.shape[1] == 1 and self.in_channels == 3:
             x = x.expand(-1, 3, -1, -1)
+        if self.normalize is not None:
+            x = self.normalize(x)
         return self.features(x)
 
 

@@ -112,3 +112,77 @@ def test_ddp_ranks_agree_on_pi_and_weights(tmp_path):
     assert torch.equal(params[0], params[1]) and torch.equal(pi[0], pi[1])
     assert torch.equal(params[0], flat_params(model))
     assert not torch.allclose(pi[0], torch.full((3,), 1 / 3).double())
+
+
+class _FirstBatch(pl.Callback):
+    """Keep the first training batch and a copy of the nets before the first step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            import copy
+
+            self.batch = batch
+            self.nets = copy.deepcopy((pl_module.feature_extractor, pl_module.critic))
+
+
+def test_classwise_source_batches_give_the_authors_mixture_estimate(tmp_path):
+    # Issue 21: with DomainAdaptationDataModule(classwise_source=True), batch k holds class k only and the NW
+    # critic objective is mean_t D(F(x_t)) - Σ_k π_k mean_{batch k} D(F(x)) (the authors' trainer).
+    dm = _dm(batch_size=16)
+    dm.classwise_source = True
+    model, keep = _model("nw"), _FirstBatch()
+    pl.seed_everything(0)
+    trainer = single_trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[keep])
+    trainer.fit(model, datamodule=dm)
+    parts = keep.batch["source_by_class"]
+    assert len(parts) == 3
+    for k, (x, y) in enumerate(parts):
+        assert 0 < x.shape[0] <= 16 and torch.all(y == k)  # a class smaller than a batch gives all it has
+    f, d = keep.nets
+    with torch.no_grad():
+        target = d(f(keep.batch["target"][0])).mean()
+        mixture = sum(d(f(x)).mean() / 3 for x, _ in parts)  # π starts uniform
+        mixed_batch = d(f(keep.batch["source"][0])).mean()
+    logged = float(trainer.callback_metrics["train/critic"])
+    assert abs(logged - float(target - mixture)) < 1e-5
+    assert abs(logged - float(target - mixed_batch)) > 1e-4  # the mixed source batch was not used
+    with pytest.raises(ValueError, match="classwise_source must be a bool"):
+        DomainAdaptationDataModule(dm.source, dm.target, classwise_source="yes")
+
+
+def test_logs_carry_batch_size_and_class_mean_accuracy_is_the_mean_of_per_class_accuracies(tmp_path):
+    # Issue 26: no "Trying to infer the `batch_size`" warning from our logs; issue 21: the class-mean target
+    # accuracy (the authors' number) is the mean over classes of each class's accuracy, computed here by hand.
+    import warnings
+
+    model, dm = _model("nw"), _dm()
+    dm.target.batch_size = 32  # source batches of 48: Lightning could only guess which is "the" batch size
+    pl.seed_everything(0)
+    trainer = single_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=dm)
+        res = trainer.test(model, datamodule=dm, verbose=False)
+    assert not [w for w in caught if "batch_size" in str(w.message)]
+    x, y = dm.target.test_dataset.tensors if hasattr(dm.target.test_dataset, "tensors") else \
+        dm.target.test_dataset.dataset.tensors
+    model.eval()
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    per_class = [float((pred[y == k] == k).double().mean()) for k in range(3)]
+    logs = {k: v for d in res for k, v in d.items()}
+    assert abs(logs["test/target_class_acc"] - sum(per_class) / 3) < 1e-6
+    assert abs(logs["test/target_acc"] - float((pred == y).double().mean())) < 1e-6
+
+
+def test_digit_feature_extractor_normalises_inputs_as_the_authors():
+    torch.manual_seed(0)
+    plain = DigitFeatureExtractor(image_size=16, dropout=0.0)
+    norm = DigitFeatureExtractor(image_size=16, dropout=0.0, mean=[0.5] * 3, std=[0.5] * 3)
+    norm.features.load_state_dict(plain.features.state_dict())
+    x = torch.rand(4, 3, 16, 16)
+    torch.testing.assert_close(norm(x), plain((x - 0.5) / 0.5))
+    grey = torch.rand(4, 1, 16, 16)
+    torch.testing.assert_close(norm(grey), plain((grey.expand(-1, 3, -1, -1) - 0.5) / 0.5))
+    with pytest.raises(ValueError, match="mean and std must be given together"):
+        DigitFeatureExtractor(mean=[0.5] * 3)
