@@ -1,0 +1,215 @@
+"""DDP training against one process on the same global batches (one 2-process launch for every case).
+
+Under DDP each rank reads its shard through a ``DistributedSampler``; the DDP runs here pass one with
+``shuffle=False`` (Lightning keeps a sampler it is given; for a plain training loader it would add a shuffled
+one), which gives rank ``r`` the indices ``r, r + 2, r + 4, ...``. Each rank takes a mean loss over its ``b``
+samples and DDP averages the two gradients. For a loss that is a mean of per-sample terms this is the
+gradient of the mean over the ``2 b`` samples of both ranks, so one process fed the *global* batches
+``[rank 0's batch k; rank 1's batch k]`` (:func:`global_batches`) must end with the same weights, up to
+float rounding. A case whose loss couples the samples of a batch, or whose randomness is keyed by the rank,
+states in its ``build(world)`` how the one-process run reproduces what each rank does (e.g. the GAN draws
+both ranks' latents).
+
+:func:`run_ddp_cases` fits every case in one pair of processes (``strategy="ddp"`` through a subprocess;
+DDP start-up costs ~8 s a process on the CI machine) and returns rank 0's final weights per case;
+:func:`fit_single` runs the one-process counterpart in the test process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from lightning_robust.attacks import PGD
+from lightning_robust.datamodules import load_digits_tensors
+from lightning_robust.models import GAN, ARDStudent, Classifier, InterpretationRegularizedClassifier
+from lightning_robust.nets import MLP
+from tests.helpers.ddp import flat_params, run_ddp_script, single_trainer
+
+__all__ = ["CASES", "EquivalenceCase", "fit_single", "global_batches", "run_ddp_cases"]
+
+WORLD = 2
+
+
+@dataclass(frozen=True)
+class EquivalenceCase:
+    """A LightningModule trained for ``steps`` batches of ``batch_size`` per rank on ``data()``."""
+
+    build: Callable[[int], pl.LightningModule]  # world size -> a fresh, identically initialised module
+    data: Callable[[], TensorDataset]
+    batch_size: int
+    steps: int
+    find_unused_parameters: bool = False
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def global_batches(dataset: TensorDataset, batch_size: int, steps: int, world: int = WORLD) -> DataLoader:
+    """Batches of ``world * batch_size``: batch ``k`` is rank 0's batch ``k``, then rank 1's, ... under DDP."""
+    order = [r + world * (k * batch_size + i) for k in range(steps) for r in range(world) for i in range(batch_size)]
+    assert max(order) < len(dataset), "the data must cover every rank's batches without DistributedSampler padding"
+    return DataLoader(Subset(dataset, order), batch_size=world * batch_size, shuffle=False)
+
+
+def _trainer_kwargs(case: EquivalenceCase) -> dict[str, Any]:
+    return dict(max_epochs=1, limit_train_batches=case.steps, limit_val_batches=0, num_sanity_val_steps=0,
+                **case.trainer_kwargs)
+
+
+def fit_single(case: EquivalenceCase, tmp_path: Path) -> torch.Tensor:
+    """Fit the one-process counterpart of ``case`` on the global batches; return its flat weights."""
+    model = case.build(1)
+    loader = global_batches(case.data(), case.batch_size, case.steps)
+    single_trainer(tmp_path, **_trainer_kwargs(case)).fit(model, train_dataloaders=loader)
+    return flat_params(model)
+
+
+_SCRIPT = """
+import json, os, torch
+import pytorch_lightning as pl
+from pytorch_lightning.strategies import DDPStrategy
+from torch.utils.data import DataLoader, DistributedSampler
+from tests.helpers.ddp import flat_params
+from tests.helpers.ddp_equivalence import CASES, _trainer_kwargs
+torch.set_num_threads(1)
+paths = {{}}
+for name in {names!r}:
+    case = CASES[name]
+    model = case.build(2)
+    # Rank r reads r, r+2, ... (before the first launch LOCAL_RANK is unset in rank 0's process).
+    data = case.data()
+    sampler = DistributedSampler(data, num_replicas=2, rank=int(os.environ.get("LOCAL_RANK", "0")), shuffle=False)
+    loader = DataLoader(data, batch_size=case.batch_size, sampler=sampler)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(
+        find_unused_parameters=case.find_unused_parameters), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, deterministic=True, default_root_dir="runs",
+        **_trainer_kwargs(case))
+    trainer.fit(model, train_dataloaders=loader)
+    params = flat_params(model)
+    gathered = trainer.strategy.all_gather(params).reshape(2, -1)
+    if trainer.global_rank == 0:
+        paths[name] = os.path.abspath(f"{{name}}.pt")
+        torch.save({{"params": params, "ranks_equal": bool(torch.equal(gathered[0], gathered[1])),
+                    "steps": trainer.global_step}}, paths[name])
+if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    json.dump(paths, open(os.environ["RESULT_PATH"], "w"))
+"""
+
+
+def run_ddp_cases(names: list[str], tmp_path: Path, timeout: float = 400.0) -> dict[str, dict[str, Any]]:
+    """Fit every named case under 2-process DDP (gloo) in one launch; rank 0's results per case."""
+    paths = run_ddp_script(_SCRIPT.format(names=list(names)), tmp_path, timeout=timeout)
+    return {name: torch.load(paths[name], weights_only=True) for name in names}
+
+
+# ---------------------------------------------------------------------------------------------- cases
+# Every module below has a 2-process test in tests/models; these cases use nets without BatchNorm (whose
+# per-rank batch statistics DDP does not average) and attacks without random starts, or draw each rank's
+# randomness explicitly in the one-process run.
+
+def _digits(n: int = 256) -> TensorDataset:
+    x, y = load_digits_tensors(8, 1)
+    return TensorDataset(x[:n], y[:n])
+
+
+def _sgd() -> Any:
+    return partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+
+
+def _mlp(seed: int) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(64, 10, (32,))
+
+
+def build_classifier(world: int) -> pl.LightningModule:
+    # Madry adversarial training: PGD without random start is a per-sample function of (x, y, weights).
+    return Classifier(_mlp(0), optimizer=_sgd(), attack=PGD(eps=0.1, alpha=0.04, steps=2, random_start=False))
+
+
+def build_ard(world: int) -> pl.LightningModule:
+    teacher = _mlp(1).eval()
+    return ARDStudent(_mlp(0), teacher, attack=PGD(eps=0.1, alpha=0.04, steps=2, random_start=False), alpha=0.7,
+                      temperature=4.0, optimizer=_sgd())
+
+
+def build_interpretation(world: int) -> pl.LightningModule:
+    # The saliency penalty averages over samples the attack moved (all of them for PGD here): per-sample terms.
+    return InterpretationRegularizedClassifier(
+        _mlp(0), saliency_weight=5.0, attack=PGD(eps=0.1, alpha=0.04, steps=2, random_start=False),
+        perturbation="attack", optimizer=_sgd())
+
+
+class _ToyG(nn.Module):
+    latent_dim = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class _Stream:
+    """What :meth:`_BothRanksGAN.step_generator` hands to ``sample_latents``: the stream's name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _BothRanksGAN(GAN):
+    """One process standing in for two ranks: latents of a global batch are rank 0's then rank 1's draws.
+
+    ``GAN.step_generator`` keys its stream by (seed, step, rank, stream); the key is rebuilt here for each
+    rank so that the one-process run sees exactly the latents the two DDP ranks drew.
+    """
+
+    def step_generator(self, stream: str = "latent") -> Any:
+        return _Stream(stream)
+
+    def _rank_generator(self, rank: int, stream: str) -> torch.Generator:
+        key = f"{self.seed}/{int(self.gan_step)}/{rank}/{stream}".encode()
+        g = torch.Generator(device=self.device)
+        g.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1))
+        return g
+
+    def sample_latents(self, n: int, generator: Any = None) -> torch.Tensor:
+        if not isinstance(generator, _Stream):
+            return super().sample_latents(n, generator)
+        per_rank = n // WORLD
+        return torch.cat([super(_BothRanksGAN, self).sample_latents(per_rank, self._rank_generator(r, generator.name))
+                          for r in range(WORLD)])
+
+
+def build_gan(world: int) -> pl.LightningModule:
+    # Hinge loss: a mean of per-sample terms for both players (no gradient penalty's random interpolation).
+    torch.manual_seed(0)
+    generator = _ToyG()
+    critic = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9))
+    cls = GAN if world > 1 else _BothRanksGAN
+    return cls(generator, critic, loss="hinge", n_critic=2, ema_decay=0.8, generator_optimizer=opt,
+               discriminator_optimizer=opt)
+
+
+def _gaussians(n: int = 256) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0]])
+    idx = torch.randint(0, 3, (n,), generator=g)
+    return TensorDataset(centers[idx] + 0.2 * torch.randn(n, 2, generator=g), idx)
+
+
+CASES: dict[str, EquivalenceCase] = {
+    "classifier": EquivalenceCase(build_classifier, _digits, batch_size=16, steps=4),
+    "ard": EquivalenceCase(build_ard, _digits, batch_size=16, steps=4),
+    "interpretation": EquivalenceCase(build_interpretation, _digits, batch_size=16, steps=4),
+    "gan": EquivalenceCase(build_gan, _gaussians, batch_size=16, steps=6, find_unused_parameters=True),
+}
