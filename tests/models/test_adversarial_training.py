@@ -155,7 +155,8 @@ def test_tripwire_logs_and_stops_on_a_collapse(tmp_path):
     model = Classifier(SmallCNN(input_size=8), optimizer=partial(torch.optim.Adam, lr=2e-3),
                        tripwire_batches=2, tripwire_attack=GrowingNoise(), tripwire_max_drop=0.15)
     trainer = _trainer(tmp_path, max_epochs=10, limit_val_batches=0)
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+    with pytest.warns(UserWarning, match="trip-wire: accuracy under GrowingNoise fell"):
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
     history = model.tripwire_history
     assert 2 <= len(history) < 10 and trainer.current_epoch < 10
     assert history[-1] < max(history[:-1]) - 0.15
