@@ -31,8 +31,15 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_robust.attacks import PGD
 from lightning_robust.datamodules import load_digits_tensors
-from lightning_robust.models import GAN, ARDStudent, Classifier, InterpretationRegularizedClassifier
-from lightning_robust.nets import MLP
+from lightning_robust.models import (
+    GAN,
+    ARDStudent,
+    Classifier,
+    DistilledGAN,
+    EntropicGAN,
+    InterpretationRegularizedClassifier,
+)
+from lightning_robust.nets import MLP, DualCritic, MLPGenerator
 from tests.helpers.ddp import flat_params, run_ddp_script, single_trainer
 
 __all__ = ["CASES", "EquivalenceCase", "fit_single", "global_batches", "run_ddp_cases"]
@@ -165,12 +172,17 @@ class _Stream:
         self.name = name
 
 
-class _BothRanksGAN(GAN):
-    """One process standing in for two ranks: latents of a global batch are rank 0's then rank 1's draws.
+class _BothRanks:
+    """Mixin for a GAN module: one process standing in for two ranks, whose global batch holds rank 0's
+    samples then rank 1's, and whose latents are rank 0's draws then rank 1's.
 
     ``GAN.step_generator`` keys its stream by (seed, step, rank, stream); the key is rebuilt here for each
     rank so that the one-process run sees exactly the latents the two DDP ranks drew.
     """
+
+    seed: int
+    gan_step: Any
+    device: torch.device
 
     def step_generator(self, stream: str = "latent") -> Any:
         return _Stream(stream)
@@ -182,11 +194,40 @@ class _BothRanksGAN(GAN):
         return g
 
     def sample_latents(self, n: int, generator: Any = None) -> torch.Tensor:
+        parent = super()
         if not isinstance(generator, _Stream):
-            return super().sample_latents(n, generator)
+            return parent.sample_latents(n, generator)  # type: ignore[misc]
         per_rank = n // WORLD
-        return torch.cat([super(_BothRanksGAN, self).sample_latents(per_rank, self._rank_generator(r, generator.name))
+        return torch.cat([parent.sample_latents(per_rank, self._rank_generator(r, generator.name))  # type: ignore[misc]
                           for r in range(WORLD)])
+
+
+class _BothRanksGAN(_BothRanks, GAN):
+    pass
+
+
+class _BothRanksDistilledGAN(_BothRanks, DistilledGAN):
+    pass
+
+
+class _BothRanksEntropicGAN(_BothRanks, EntropicGAN):
+    """The entropic dual couples every real sample with every fake one of a batch, so DDP's loss is the mean of
+    the two ranks' objectives, each on its own shard; so is the critic-fit test's transport (EntropicGAN
+    all-reduces it). The one-process run computes exactly that on the two halves of the global batch."""
+
+    def _per_shard(self, loss_fn: Any, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        n = a.shape[0] // WORLD
+        parts = [loss_fn(a[r * n:(r + 1) * n], b[r * n:(r + 1) * n]) for r in range(WORLD)]
+        logs = {k: sum(p[1][k] for p in parts) / WORLD for k in parts[0][1]}
+        return sum(p[0] for p in parts) / WORLD, logs
+
+    def discriminator_loss(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        loss, logs = self._per_shard(super().discriminator_loss, real, fake)
+        self._critic_fit = float(logs["transport"]) > 0
+        return loss, logs
+
+    def generator_loss(self, fake: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self._per_shard(super().generator_loss, fake, real)
 
 
 def build_gan(world: int) -> pl.LightningModule:
@@ -197,6 +238,29 @@ def build_gan(world: int) -> pl.LightningModule:
     opt = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9))
     cls = GAN if world > 1 else _BothRanksGAN
     return cls(generator, critic, loss="hinge", n_critic=2, ema_decay=0.8, generator_optimizer=opt,
+               discriminator_optimizer=opt)
+
+
+def build_distilled_gan(world: int) -> pl.LightningModule:
+    # Joint distillation: the paper's MSE to the teacher on shared latents plus a hinge adversarial term.
+    torch.manual_seed(1)
+    teacher = MLPGenerator(latent_dim=4, out_shape=(2,), hidden=(16, 16))
+    torch.manual_seed(0)
+    student = MLPGenerator(latent_dim=4, out_shape=(2,), hidden=(8,))
+    critic = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9))
+    cls = DistilledGAN if world > 1 else _BothRanksDistilledGAN
+    return cls(teacher, student, critic, mode="joint", loss="hinge", n_critic=2, ema_decay=0.8,
+               generator_optimizer=opt, discriminator_optimizer=opt)
+
+
+def build_entropic_gan(world: int) -> pl.LightningModule:
+    torch.manual_seed(0)
+    generator = MLPGenerator(latent_dim=2, out_shape=(2,), hidden=(16, 16))
+    critics = DualCritic(MLP(2, 1, (16, 16)), MLP(2, 1, (16, 16)))
+    opt = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.99))
+    cls = EntropicGAN if world > 1 else _BothRanksEntropicGAN
+    return cls(generator, critics, cost="l2", reg=0.5, n_critic=2, generator_optimizer=opt,
                discriminator_optimizer=opt)
 
 
@@ -212,4 +276,8 @@ CASES: dict[str, EquivalenceCase] = {
     "ard": EquivalenceCase(build_ard, _digits, batch_size=16, steps=4),
     "interpretation": EquivalenceCase(build_interpretation, _digits, batch_size=16, steps=4),
     "gan": EquivalenceCase(build_gan, _gaussians, batch_size=16, steps=6, find_unused_parameters=True),
+    "distilled_gan": EquivalenceCase(build_distilled_gan, _gaussians, batch_size=16, steps=6,
+                                     find_unused_parameters=True),
+    "entropic_gan": EquivalenceCase(build_entropic_gan, _gaussians, batch_size=16, steps=6,
+                                    find_unused_parameters=True),
 }
