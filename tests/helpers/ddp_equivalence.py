@@ -27,9 +27,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from lightning_robust.attacks import PGD
+from lightning_robust.attacks import PGD, SPGD
 from lightning_robust.datamodules import load_digits_tensors
 from lightning_robust.models import (
     GAN,
@@ -38,8 +38,9 @@ from lightning_robust.models import (
     DistilledGAN,
     EntropicGAN,
     InterpretationRegularizedClassifier,
+    TextClassifier,
 )
-from lightning_robust.nets import MLP, DualCritic, MLPGenerator
+from lightning_robust.nets import MLP, DualCritic, MLPGenerator, WordVectorClassifier
 from tests.helpers.ddp import flat_params, run_ddp_script, single_trainer
 
 __all__ = ["CASES", "EquivalenceCase", "fit_single", "global_batches", "run_ddp_cases"]
@@ -52,14 +53,14 @@ class EquivalenceCase:
     """A LightningModule trained for ``steps`` batches of ``batch_size`` per rank on ``data()``."""
 
     build: Callable[[int], pl.LightningModule]  # world size -> a fresh, identically initialised module
-    data: Callable[[], TensorDataset]
+    data: Callable[[], Dataset]
     batch_size: int
     steps: int
     find_unused_parameters: bool = False
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def global_batches(dataset: TensorDataset, batch_size: int, steps: int, world: int = WORLD) -> DataLoader:
+def global_batches(dataset: Dataset, batch_size: int, steps: int, world: int = WORLD) -> DataLoader:
     """Batches of ``world * batch_size``: batch ``k`` is rank 0's batch ``k``, then rank 1's, ... under DDP."""
     order = [r + world * (k * batch_size + i) for k in range(steps) for r in range(world) for i in range(batch_size)]
     assert max(order) < len(dataset), "the data must cover every rank's batches without DistributedSampler padding"
@@ -264,6 +265,31 @@ def build_entropic_gan(world: int) -> pl.LightningModule:
                discriminator_optimizer=opt)
 
 
+class _Tokens(Dataset):
+    """Fixed-length token sequences with padding and a random sentiment label, as text batches (dicts)."""
+
+    def __init__(self, n: int = 128, length: int = 6, vocab: int = 40) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(2, vocab, (n, length), generator=g)
+        self.ids[::3, length - 2:] = 0  # some padded sequences
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": self.labels[i]}
+
+
+def build_text_classifier(world: int) -> pl.LightningModule:
+    # SPGD adversarial training in embedding space: the sparse word perturbation is found per sentence.
+    torch.manual_seed(0)
+    net = WordVectorClassifier(vocab_size=40, embedding_dim=8, hidden_size=8, dropout=0.0)
+    return TextClassifier(net, attack=SPGD(max_words=2, steps=2), adversarial_weight=0.5,
+                          optimizer=partial(torch.optim.Adam, lr=0.05))
+
+
 def _gaussians(n: int = 256) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     centers = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0]])
@@ -280,4 +306,5 @@ CASES: dict[str, EquivalenceCase] = {
                                      find_unused_parameters=True),
     "entropic_gan": EquivalenceCase(build_entropic_gan, _gaussians, batch_size=16, steps=6,
                                     find_unused_parameters=True),
+    "text_classifier": EquivalenceCase(build_text_classifier, _Tokens, batch_size=8, steps=4),
 }
