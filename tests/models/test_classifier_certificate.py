@@ -66,6 +66,28 @@ def test_certified_training_term_is_its_formula(digits_tensors):
         torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-10)
 
 
+def test_lipschitz_training_term_is_its_formula(digits_tensors):
+    # Global-Lipschitz baseline: r = min_{j != y} (z_y - z_j) / (||W2_y - W2_j|| · ||W1||_2) for a
+    # one-hidden-layer ReLU net (ReLU is 1-Lipschitz), and the term is mean relu(1 - r / R).
+    torch.manual_seed(0)
+    x, y = digits_tensors[0][:12].double(), digits_tensors[1][:12]
+    net = MLP(64, 10, (16,)).double()
+    model = Classifier(net, certificate_weight=0.7, certificate_method="lipschitz", certificate_radius=0.3)
+    loss, _, extra = model.training_loss(x, y)
+    W1, W2 = net.layers[1].weight.detach(), net.layers[3].weight.detach()
+    spectral = torch.linalg.matrix_norm(W1, ord=2)
+    z = net(x).detach()
+    radii = torch.stack([
+        min((z[b, y[b]] - z[b, j]) / ((W2[y[b]] - W2[j]).norm() * spectral) for j in range(10) if j != y[b])
+        for b in range(len(y))])
+    term = torch.relu(1 - radii / 0.3).mean()
+    ce = torch.nn.functional.cross_entropy(net(x), y)
+    assert (radii < 0).any() and (radii > 0).any()  # both signs of the margin occur
+    assert extra["certificate_loss"].item() == pytest.approx(term.item(), rel=1e-8)
+    assert extra["certificate"].item() == pytest.approx(radii.clamp_min(0).mean().item(), rel=1e-8)
+    assert loss.item() == pytest.approx((ce + 0.7 * term).item(), rel=1e-8)
+
+
 def test_certificate_term_enlarges_certified_radii(tmp_path, digits_tensors):
     x, _ = digits_tensors
     x = x[1400:1500]
