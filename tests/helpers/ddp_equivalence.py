@@ -33,6 +33,7 @@ from lightning_robust.attacks import PGD, SPGD
 from lightning_robust.datamodules import load_digits_tensors
 from lightning_robust.models import (
     GAN,
+    NWGAN,
     ARDStudent,
     Classifier,
     DistilledGAN,
@@ -40,7 +41,7 @@ from lightning_robust.models import (
     InterpretationRegularizedClassifier,
     TextClassifier,
 )
-from lightning_robust.nets import MLP, DualCritic, MLPGenerator, WordVectorClassifier
+from lightning_robust.nets import MLP, DualCritic, LinearGenerator, MLPGenerator, WordVectorClassifier
 from tests.helpers.ddp import flat_params, run_ddp_script, single_trainer
 
 __all__ = ["CASES", "EquivalenceCase", "fit_single", "global_batches", "run_ddp_cases"]
@@ -211,6 +212,10 @@ class _BothRanksDistilledGAN(_BothRanks, DistilledGAN):
     pass
 
 
+class _BothRanksNWGAN(_BothRanks, NWGAN):
+    pass
+
+
 class _BothRanksEntropicGAN(_BothRanks, EntropicGAN):
     """The entropic dual couples every real sample with every fake one of a batch, so DDP's loss is the mean of
     the two ranks' objectives, each on its own shard; so is the critic-fit test's transport (EntropicGAN
@@ -252,6 +257,20 @@ def build_distilled_gan(world: int) -> pl.LightningModule:
     opt = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9))
     cls = DistilledGAN if world > 1 else _BothRanksDistilledGAN
     return cls(teacher, student, critic, mode="joint", loss="hinge", n_critic=2, ema_decay=0.8,
+               generator_optimizer=opt, discriminator_optimizer=opt)
+
+
+def build_nw_gan(world: int) -> pl.LightningModule:
+    # Weight clipping, no gradient penalty: the NW dual is mean D(real) - Σ_k π_k mean D(G_k(z)), per-sample
+    # terms in both players; π is learned (its own learning rate) and must match too.
+    # SGD, not the paper's RMSprop: the critic's output bias has an exactly zero gradient (it cancels between
+    # the real and the π-weighted fake terms since Σ π_k = 1), and RMSprop would scale that gradient's float
+    # rounding noise, which differs between the two runs' summation orders, up to full-size steps.
+    torch.manual_seed(0)
+    opt = partial(torch.optim.SGD, lr=2e-2, momentum=0.5)
+    cls = NWGAN if world > 1 else _BothRanksNWGAN
+    return cls(LinearGenerator(hidden=(8,)), MLP(2, 1, hidden=(16,)), num_components=3, latent_dim=2,
+               loss="wgan-clip", clip_value=0.1, n_critic=2, proportions_lr=5e-2, ema_decay=0.8,
                generator_optimizer=opt, discriminator_optimizer=opt)
 
 
@@ -306,5 +325,6 @@ CASES: dict[str, EquivalenceCase] = {
                                      find_unused_parameters=True),
     "entropic_gan": EquivalenceCase(build_entropic_gan, _gaussians, batch_size=16, steps=6,
                                     find_unused_parameters=True),
+    "nw_gan": EquivalenceCase(build_nw_gan, _gaussians, batch_size=16, steps=6, find_unused_parameters=True),
     "text_classifier": EquivalenceCase(build_text_classifier, _Tokens, batch_size=8, steps=4),
 }
