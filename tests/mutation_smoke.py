@@ -190,7 +190,8 @@ def main() -> None:
     for m, verdict, seconds, summary in rows:
         tests = ", ".join(f"`{t.split('::')[0].removeprefix('tests/')}`" for t in m.tests)
         detail = f"{verdict} ({summary})" if summary else verdict
-        print(f"| `{m.id}` | {m.paper} | {m.what} | {tests} | {detail} | {seconds:.0f} s |")
+        what = m.what.replace("|", "\\|")  # a literal | would split the Markdown cell
+        print(f"| `{m.id}` | {m.paper} | {what} | {tests} | {detail} | {seconds:.0f} s |")
     caught = sum(v == "caught" for _, v, _, _ in rows)
     print(f"\n{caught} of {len(rows)} mutants caught.")
 
