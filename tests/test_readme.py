@@ -1,6 +1,8 @@
 """Every code example in README.md runs.
 
-Each fenced ``python`` block is executed as a script in a fresh namespace, from an empty folder. Each line of
+Each fenced ``python`` block is executed as a script in a fresh namespace, from an empty folder; every block
+ends by asserting what it prints (values in range, perturbation budgets, certificate orderings), so a
+block that runs but shows a wrong result fails. Each line of
 a ``bash`` block that starts with ``lightning-robust`` is run in-process through ``LightningRobustCLI`` from the
 repository root with ``--trainer.fast_dev_run=true``, and ``python -m lightning_robust --version`` runs in a
 subprocess. ``console`` blocks are commands that need GPUs, downloaded data or earlier runs' checkpoints; the
@@ -34,6 +36,12 @@ def test_readme_has_the_documented_examples():
     assert "make demo" in README and "make test" in README
     for config in re.findall(r"configs/(\w+)\.yaml", README):  # every config the README names exists
         assert (REPO / "configs" / f"{config}.yaml").is_file(), config
+    # Every example checks what it shows: an assert follows each print.
+    for index, code in enumerate(PYTHON):
+        lines = code.splitlines()
+        prints = [i for i, line in enumerate(lines) if line.startswith("print(")]
+        assert all(any(line.startswith("assert ") for line in lines[i:]) for i in prints), f"block {index}"
+        assert any(line.startswith("assert ") for line in lines), f"block {index} asserts nothing"
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON)))

@@ -80,7 +80,10 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     p_teacher = F.softmax(teacher_logits.detach() / temperature, dim=1)
-    kl = F.kl_div(log_p_student, p_teacher, reduction="batchmean" if reduction == "batchmean" else "mean")
+    # Element-wise KL terms summed over classes, then reduced explicitly: F.kl_div(reduction="mean") warns that
+    # it is not the true KL, and the authors' element mean is exactly that sum divided by N·C.
+    per_sample = F.kl_div(log_p_student, p_teacher, reduction="none").sum(dim=1)
+    kl = per_sample.mean() if reduction == "batchmean" else per_sample.mean() / student_logits.shape[1]
     return temperature**2 * kl
 
 

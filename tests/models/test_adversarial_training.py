@@ -55,6 +55,38 @@ def test_fast_mode_is_fgsm_with_random_start_and_trains(tmp_path):
     assert not torch.equal(before, flat_params(model))
 
 
+def _fgsm_rs_by_hand(net, x, y, eps, alpha):
+    """Wong, Rice & Kolter (2020), Alg. 3, written out: δ ~ U[-ε, ε]^d, one signed step of size α on the
+    cross-entropy, projection onto the ε-cube and the pixel box. Draws from the global RNG, like the module."""
+    x0 = (x + (2 * torch.rand(x.shape, dtype=x.dtype) - 1) * eps).clamp(0, 1)
+    x0.requires_grad_(True)
+    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x0), y, reduction="sum"), x0)
+    step = x0.detach() + alpha * grad.sign()
+    return torch.minimum(torch.maximum(step, (x - eps).clamp(0, 1)), (x + eps).clamp(0, 1))
+
+
+def test_fast_training_loss_is_cross_entropy_on_fgsm_random_start_examples(digits_tensors):
+    # training_loss == CE(net(FGSM-rs(x)), y), with the same random start (the same global RNG state).
+    x, y = digits_tensors[0][:24].double(), digits_tensors[1][:24]
+    torch.manual_seed(0)
+    model = Classifier(SmallCNN(input_size=8), attack=PGD(eps=0.1, steps=7), adversarial_mode="fast").double()
+    net = model.net
+    torch.manual_seed(11)
+    loss, logits, _ = model.training_loss(x, y)
+    torch.manual_seed(11)
+    x_adv = _fgsm_rs_by_hand(net, x, y, eps=0.1, alpha=0.125)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-12 and (x_adv - x).abs().max() > 0.09
+    expected = torch.nn.functional.cross_entropy(net(x_adv), y)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    torch.testing.assert_close(logits, net(x_adv))
+    # Sensitive to the adversarial examples (untrained net: small but far above the 1e-10 tolerance): the
+    # clean loss and the loss without the random start differ.
+    assert abs(loss.item() - torch.nn.functional.cross_entropy(net(x), y).item()) > 1e-5
+    torch.manual_seed(11)
+    no_start = FGSM(eps=0.1, alpha=0.125)(net, x, y)
+    assert abs(loss.item() - torch.nn.functional.cross_entropy(net(no_start), y).item()) > 1e-5
+
+
 def _free_model():
     pl.seed_everything(0)
     return Classifier(SmallCNN(input_size=8), optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
@@ -123,7 +155,8 @@ def test_tripwire_logs_and_stops_on_a_collapse(tmp_path):
     model = Classifier(SmallCNN(input_size=8), optimizer=partial(torch.optim.Adam, lr=2e-3),
                        tripwire_batches=2, tripwire_attack=GrowingNoise(), tripwire_max_drop=0.15)
     trainer = _trainer(tmp_path, max_epochs=10, limit_val_batches=0)
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+    with pytest.warns(UserWarning, match="trip-wire: accuracy under GrowingNoise fell"):
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
     history = model.tripwire_history
     assert 2 <= len(history) < 10 and trainer.current_epoch < 10
     assert history[-1] < max(history[:-1]) - 0.15

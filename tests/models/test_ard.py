@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 from functools import partial
 
 import pytest
@@ -61,6 +62,22 @@ def test_ard_loss_matches_an_independent_computation():
     distillation_kl(s, tt, 7.0).backward()
     expected = 7.0 * (F.softmax(s_adv / 7.0, 1) - F.softmax(t / 7.0, 1)) / 5
     assert torch.allclose(s.grad, expected, atol=1e-12) and tt.grad is None
+
+
+def test_element_mean_kl_is_computed_without_torchs_reduction_warning():
+    # The authors' reduction="mean" (element mean over N·C) used to go through F.kl_div(reduction="mean"),
+    # which warns on every call; the value must stay that element mean, now computed without the warning.
+    g = torch.Generator().manual_seed(5)
+    s, t = (2 * torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    tau = 3.0
+    p_t = F.softmax(t / tau, 1)
+    elementwise = p_t * (p_t.log() - F.log_softmax(s / tau, 1))  # [N, C] terms of KL(p_t ‖ p_s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got_mean = distillation_kl(s, t, tau, "mean")
+        got_batchmean = distillation_kl(s, t, tau, "batchmean")
+    assert float(got_mean) == pytest.approx(tau**2 * float(elementwise.mean()), rel=1e-12)
+    assert float(got_batchmean) == pytest.approx(tau**2 * float(elementwise.sum() / 6), rel=1e-12)
 
 
 def test_ard_loss_errors():

@@ -22,6 +22,72 @@ def _fit(tmp_path, weight: float, method: str = "simplex") -> tuple[Classifier, 
     return model.eval(), trainer
 
 
+def _hinge_by_hand(W1, b1, W2, b2, x, y, radius, topk):
+    """Singla & Feizi's simplex facets for a one-hidden-layer ReLU net, with the MMR-style hinge, by hand.
+
+    Facets of the activation region: the hidden hyperplanes, at distance |W1_i x + b1_i| / ||W1_i||. Inside the
+    region the logits are affine with Jacobian J = W2 diag(a) W1 (a = 1[z > 0]); the distance to the
+    linearized boundary between y and j is (z_y - z_j) / ||J_y - J_j||, minimized over j != y.
+    """
+    losses, certs = [], []
+    for xb, yb in zip(x.flatten(1), y.tolist()):
+        z = W1 @ xb + b1
+        facet = z.abs() / W1.norm(dim=1)
+        J = W2 @ torch.diag((z > 0).to(xb.dtype)) @ W1
+        logits = W2 @ torch.relu(z) + b2
+        lin = min((logits[yb] - logits[j]) / (J[yb] - J[j]).norm() for j in range(len(logits)) if j != yb)
+        lin = torch.clamp(lin, min=-10 * radius)  # the surrogate caps misclassified samples' hinge
+        near = facet.sort().values[:topk]
+        losses.append(torch.relu(1 - lin / radius) + torch.relu(1 - near / radius).mean())
+        certs.append(torch.minimum(facet.min(), lin))
+    return torch.stack(losses).mean(), torch.stack(certs)
+
+
+def test_certified_training_term_is_its_formula(digits_tensors):
+    # training_loss = CE + w · hinge, with the hinge and the logged certificate checked against the
+    # closed form of a one-hidden-layer net (no library certificate code in the reference).
+    torch.manual_seed(0)
+    x, y = digits_tensors[0][:12].double(), digits_tensors[1][:12]
+    net = MLP(64, 10, (16,)).double()
+    model = Classifier(net, certificate_weight=0.7, certificate_radius=0.3, certificate_topk=4)
+    loss, _, extra = model.training_loss(x, y)
+    W1, b1 = net.layers[1].weight, net.layers[1].bias
+    W2, b2 = net.layers[3].weight, net.layers[3].bias
+    hinge, certs = _hinge_by_hand(W1, b1, W2, b2, x, y, 0.3, 4)
+    ce = torch.nn.functional.cross_entropy(net(x), y)
+    assert loss.item() == pytest.approx((ce + 0.7 * hinge).item(), rel=1e-9)
+    assert extra["certificate_loss"].item() == pytest.approx(hinge.item(), rel=1e-9)
+    assert extra["certificate"].item() == pytest.approx(certs.clamp_min(0).mean().item(), rel=1e-9)
+    assert (certs < 0).any() and (certs > 0).any()  # both branches of the signed margin occur
+    # The term is differentiable and its weight gradient is the formula's.
+    grad = torch.autograd.grad(loss, [W1, W2])
+    expected = torch.autograd.grad(ce + 0.7 * hinge, [W1, W2])
+    for g, e in zip(grad, expected):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-10)
+
+
+def test_lipschitz_training_term_is_its_formula(digits_tensors):
+    # Global-Lipschitz baseline: r = min_{j != y} (z_y - z_j) / (||W2_y - W2_j|| · ||W1||_2) for a
+    # one-hidden-layer ReLU net (ReLU is 1-Lipschitz), and the term is mean relu(1 - r / R).
+    torch.manual_seed(0)
+    x, y = digits_tensors[0][:12].double(), digits_tensors[1][:12]
+    net = MLP(64, 10, (16,)).double()
+    model = Classifier(net, certificate_weight=0.7, certificate_method="lipschitz", certificate_radius=0.3)
+    loss, _, extra = model.training_loss(x, y)
+    W1, W2 = net.layers[1].weight.detach(), net.layers[3].weight.detach()
+    spectral = torch.linalg.matrix_norm(W1, ord=2)
+    z = net(x).detach()
+    radii = torch.stack([
+        min((z[b, y[b]] - z[b, j]) / ((W2[y[b]] - W2[j]).norm() * spectral) for j in range(10) if j != y[b])
+        for b in range(len(y))])
+    term = torch.relu(1 - radii / 0.3).mean()
+    ce = torch.nn.functional.cross_entropy(net(x), y)
+    assert (radii < 0).any() and (radii > 0).any()  # both signs of the margin occur
+    assert extra["certificate_loss"].item() == pytest.approx(term.item(), rel=1e-8)
+    assert extra["certificate"].item() == pytest.approx(radii.clamp_min(0).mean().item(), rel=1e-8)
+    assert loss.item() == pytest.approx((ce + 0.7 * term).item(), rel=1e-8)
+
+
 def test_certificate_term_enlarges_certified_radii(tmp_path, digits_tensors):
     x, _ = digits_tensors
     x = x[1400:1500]

@@ -1,5 +1,6 @@
 """EntropicGAN: the dual objective against Sinkhorn, the update rules, checkpoints, and a 2-process DDP run."""
 
+import copy
 import functools
 import math
 
@@ -162,6 +163,49 @@ def test_fit_logs_the_dual_parts_and_scores_inputs(tmp_path):
     assert scores.shape == (7,) and torch.isfinite(scores).all()
     assert torch.allclose(scores, gan.log_likelihood(y))  # deterministic: seeded latents, eval mode
     assert list((tmp_path / "images").glob("likelihood_histogram_step*.png"))
+
+
+class DualRecorder(pl.Callback):
+    """Before each batch, recompute the critics' dual objective on that batch from copies of the nets; after
+    it, read what the module logged for the step."""
+
+    def __init__(self) -> None:
+        self.expected: list[dict[str, float]] = []
+        self.logged: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        real = batch[0]
+        critics, generator = copy.deepcopy(pl_module.critics), copy.deepcopy(pl_module.generator)
+        # The latents of this step's critic update: standard normal draws from the step-keyed stream "d".
+        z = torch.randn(real.shape[0], pl_module.latent_dim, generator=pl_module.step_generator("d"))
+        with torch.no_grad():
+            fake = generator(z)
+            cost = ((real[:, None, :] - fake[None, :, :]) ** 2).sum(-1)  # squared Euclidean, [n_real, n_fake]
+            obj, parts = entropic_dual_objective(critics.real_potential(real), critics.fake_potential(fake), cost,
+                                                 pl_module.current_reg())
+        self.expected.append({"d_loss": -float(obj), "transport": float(parts["transport"]),
+                              "coupling_mass": float(parts["mass"]), "reg": pl_module.current_reg()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.logged.append(float(trainer.callback_metrics["train/d_loss_step"]))
+
+
+def test_logged_dual_objective_is_entropic_dual_objective_on_the_same_batch(tmp_path):
+    gan = make_gan(reg=0.3)
+    dm = GaussianMixtureDataModule(n_train=256, n_test=0, val_fraction=0.0, batch_size=64)
+    recorder = DualRecorder()
+    trainer = single_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[recorder])
+    trainer.fit(gan, datamodule=dm)
+    assert len(recorder.logged) == 4
+    for step, (logged, expected) in enumerate(zip(recorder.logged, recorder.expected)):
+        assert logged == pytest.approx(expected["d_loss"], rel=1e-5, abs=1e-6), step
+    # Epoch aggregates are the means over the (equal-sized) batches.
+    metrics = trainer.callback_metrics
+    for key in ("transport", "coupling_mass", "reg"):
+        mean = sum(e[key] for e in recorder.expected) / 4
+        assert float(metrics[f"train/{key}"]) == pytest.approx(mean, rel=1e-5, abs=1e-6), key
+    # Not a constant: the critics learn, so the objective moves between steps.
+    assert len({round(v, 6) for v in recorder.logged}) == 4
 
 
 def _final_scores(trainer: pl.Trainer, module: pl.LightningModule) -> torch.Tensor:

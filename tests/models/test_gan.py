@@ -1,5 +1,7 @@
 """The GAN base: loss formulas, gradient penalty closed form, update schedule, EMA, resume, DDP."""
 
+import itertools
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -80,6 +82,41 @@ def test_critic_schedule_and_ema(tmp_path):
     # from the current weights but lies within the range the weights visited.
     assert not torch.equal(flat_params(gan.generator_ema), flat_params(gan.generator))
     assert gan.sample(5).shape == (5, 2)
+
+
+class GeneratorTrajectory(pl.Callback):
+    """Record the generator's weights before training and after every batch (n_critic=1: one G step each)."""
+
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.weights.append(flat_params(pl_module.generator))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append(flat_params(pl_module.generator))
+
+
+def test_ema_is_the_hand_written_recursion(tmp_path):
+    # θ_ema(0) = θ(0); θ_ema(k) = d θ_ema(k-1) + (1 - d) θ(k) after each generator step. With d = 0.8 (not
+    # 0.5, where d and 1 - d coincide) swapping them gives another trajectory.
+    torch.manual_seed(0)
+    d = 0.8
+    gan = GAN(ToyG(), toy_d(), loss="wgan-gp", n_critic=1, ema_decay=d)
+    trajectory = GeneratorTrajectory()
+    dm = GaussianMixtureDataModule(n_train=640, n_test=0, val_fraction=0.0, batch_size=64)
+    single_trainer(tmp_path, max_epochs=1, limit_train_batches=6, callbacks=[trajectory]).fit(gan, datamodule=dm)
+    weights = trajectory.weights
+    assert len(weights) == 7 and int(gan.gan_step) == 6
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(weights))  # every batch moved G
+    ema = weights[0]
+    for theta in weights[1:]:
+        ema = d * ema + (1 - d) * theta
+    torch.testing.assert_close(flat_params(gan.generator_ema), ema, rtol=0, atol=1e-6)
+    swapped = weights[0]
+    for theta in weights[1:]:
+        swapped = (1 - d) * swapped + d * theta
+    assert (flat_params(gan.generator_ema) - swapped).abs().max() > 100 * 1e-6  # far outside the tolerance
 
 
 def test_resume_gives_identical_weights(tmp_path):

@@ -76,6 +76,45 @@ def test_penalty_definition_and_double_backprop_matches_finite_differences():
     assert fd == pytest.approx(float(grad @ u), rel=1e-5)
 
 
+def _written_out_penalty(net, x, x_pert, cls):
+    """The paper's penalty from its definition, sample by sample, with no library helper.
+
+    For each sample b: g = ∂z_c/∂x at x_b and g' at x'_b (c the class predicted at x_b), both taken as |g|
+    and scaled to unit L2 norm over all pixels, then the mean over pixels of the squared difference.
+    """
+    per_sample = []
+    for b in range(x.shape[0]):
+        maps = []
+        for point in (x[b:b + 1], x_pert[b:b + 1]):
+            point = point.detach().clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(net(point)[0, cls[b]], point)
+            a = grad.abs().flatten()
+            maps.append(a / torch.sqrt((a * a).sum()))
+        per_sample.append(((maps[0] - maps[1]) ** 2).sum() / maps[0].numel())
+    return torch.stack(per_sample).mean()
+
+
+def test_penalty_is_the_papers_formula_written_out():
+    # An independent reference (not saliency_difference, the function under test): the absolute value,
+    # the unit normalization and the mean over pixels each change the number.
+    torch.manual_seed(1)
+    net = MLP(64, 10, (16, 16)).double()
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64) * 0.8 + 0.1
+    y = torch.randint(0, 10, (5,))
+    shift = FixedShift(0.05 * torch.randn(5, 1, 8, 8, dtype=torch.float64))
+    model = InterpretationRegularizedClassifier(net, saliency_weight=3.0, interpretation_attack=shift)
+    loss, _, extra = model.training_loss(x, y)
+    cls = net(x).argmax(1)
+    expected = _written_out_penalty(net, x, shift(net, x, y), cls)
+    assert extra["saliency_penalty"].item() == pytest.approx(expected.item(), rel=1e-10)
+    assert loss.item() == pytest.approx((F.cross_entropy(net(x), y) + 3.0 * expected).item(), rel=1e-10)
+    # The signed maps would give another number: the reference is sensitive to the |.| the paper takes.
+    g = gradient_saliency(net, x, cls).flatten(1)
+    g2 = gradient_saliency(net, shift(net, x, y), cls).flatten(1)
+    signed = (F.normalize(g, dim=1) - F.normalize(g2, dim=1)).pow(2).mean(1).mean()
+    assert abs(signed.item() - expected.item()) > 1e-3 * expected.item()
+
+
 def test_attack_perturbation_and_adversarial_ce():
     torch.manual_seed(0)
     net = MLP(64, 10, (16,))
