@@ -322,7 +322,7 @@ class NWDomainAdaptation(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # 
                 if self.method == "nw":
                     # π minimises the dual for the critic's scores (needs no new forward pass).
                     opt_pi = opts[2]
-                    pi_obj = d_t.detach().mean() - (class_mixture_weights(y_s, self.mixture()) * d_s.detach()).sum()
+                    pi_obj = d_t.detach().mean() - (self._source_weights(y_s, self.mixture()) * d_s.detach()).sum()
                     opt_pi.zero_grad(set_to_none=True)
                     self.manual_backward(pi_obj)
                     opt_pi.step()

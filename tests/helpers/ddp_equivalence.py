@@ -39,6 +39,7 @@ from lightning_robust.models import (
     DistilledGAN,
     EntropicGAN,
     InterpretationRegularizedClassifier,
+    NWDomainAdaptation,
     TextClassifier,
 )
 from lightning_robust.nets import MLP, DualCritic, LinearGenerator, MLPGenerator, WordVectorClassifier
@@ -316,6 +317,58 @@ def _gaussians(n: int = 256) -> TensorDataset:
     return TensorDataset(centers[idx] + 0.2 * torch.randn(n, 2, generator=g), idx)
 
 
+class _PerShardNWDomainAdaptation(NWDomainAdaptation):
+    """NW's source weights ``π_k / n_k`` count each class *in the rank's own batch*, so DDP averages two
+    per-shard objectives (critic, π and alignment alike); the one-process run computes exactly that on the two
+    halves of each global batch. The classification loss is a per-sample mean and needs nothing."""
+
+    def _source_weights(self, y_s: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+        n = y_s.shape[0] // WORLD
+        return torch.cat([super(_PerShardNWDomainAdaptation, self)._source_weights(y_s[r * n:(r + 1) * n], pi)
+                          for r in range(WORLD)]) / WORLD
+
+    def alignment_objective(self, f_s: torch.Tensor, y_s: torch.Tensor, f_t: torch.Tensor,
+                            pi: torch.Tensor) -> torch.Tensor:
+        n_s, n_t = f_s.shape[0] // WORLD, f_t.shape[0] // WORLD
+        parent = super().alignment_objective
+        return sum(parent(f_s[r * n_s:(r + 1) * n_s], y_s[r * n_s:(r + 1) * n_s], f_t[r * n_t:(r + 1) * n_t], pi)
+                   for r in range(WORLD)) / WORLD
+
+
+def build_nw_domain_adaptation(world: int) -> pl.LightningModule:
+    # The paper's NW alignment with weight clipping (no gradient penalty's random interpolation), π learned,
+    # the feature extractor aligned every second step.
+    torch.manual_seed(0)
+    features, classifier, critic = MLP(64, 16, (32,)), nn.Linear(16, 3), MLP(16, 1, (16,))
+    cls = NWDomainAdaptation if world > 1 else _PerShardNWDomainAdaptation
+    return cls(features, classifier, critic, method="nw", adversarial_every=2, clip_value=0.1,
+               optimizer=_sgd(), critic_optimizer=_sgd(), proportions_optimizer=partial(torch.optim.SGD, lr=0.05))
+
+
+class _SourceTarget(Dataset):
+    """Paired items ``{"source": (x, y), "target": (x, y)}`` (what DomainAdaptationDataModule's loader yields):
+    digits 0-2 as the source, the same classes in other proportions and brighter as the target."""
+
+    def __init__(self) -> None:
+        x, y = load_digits_tensors(8, 1)
+        x, y = x.flatten(1), y
+        keep = y < 3
+        x, y = x[keep], y[keep]
+        g = torch.Generator().manual_seed(0)
+        order = torch.randperm(len(y), generator=g)
+        self.source = (x[order[:192]], y[order[:192]])
+        # Target: classes 0 and 1 over-represented relative to 2 (label shift), inputs shifted (covariate shift).
+        weights = torch.tensor([3.0, 2.0, 1.0])[y]
+        rows = torch.multinomial(weights, 192, replacement=True, generator=g)
+        self.target = ((0.7 * x[rows] + 0.3).clamp(0, 1), y[rows])
+
+    def __len__(self) -> int:
+        return 192
+
+    def __getitem__(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {"source": (self.source[0][i], self.source[1][i]), "target": (self.target[0][i], self.target[1][i])}
+
+
 CASES: dict[str, EquivalenceCase] = {
     "classifier": EquivalenceCase(build_classifier, _digits, batch_size=16, steps=4),
     "ard": EquivalenceCase(build_ard, _digits, batch_size=16, steps=4),
@@ -327,4 +380,6 @@ CASES: dict[str, EquivalenceCase] = {
                                     find_unused_parameters=True),
     "nw_gan": EquivalenceCase(build_nw_gan, _gaussians, batch_size=16, steps=6, find_unused_parameters=True),
     "text_classifier": EquivalenceCase(build_text_classifier, _Tokens, batch_size=8, steps=4),
+    "nw_domain_adaptation": EquivalenceCase(build_nw_domain_adaptation, _SourceTarget, batch_size=16, steps=6,
+                                            find_unused_parameters=True),
 }
