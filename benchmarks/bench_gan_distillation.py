@@ -39,8 +39,7 @@ from lightning_robust.utils.plotting import image_grid
 RESULTS = Path(__file__).resolve().parent / "results" / "gan_distillation"
 SIZE, LATENT = 8, 100
 TEACHER_D, CRITIC_D, STUDENT_DS = 128, 64, (16, 4, 1)
-# The 3-seed run trains the GANs 40 epochs (the earlier one-seed run: 100) to fit three seeds in CPU minutes.
-FULL = dict(clf_epochs=10, gan_epochs=40, distill_epochs=30)
+FULL = dict(clf_epochs=10, gan_epochs=100, distill_epochs=30)
 QUICK = dict(clf_epochs=2, gan_epochs=2, distill_epochs=2)
 
 
