@@ -16,7 +16,6 @@ and ``"nw"``.
 from __future__ import annotations
 
 import functools
-import hashlib
 from typing import Any
 
 import pytorch_lightning as pl
@@ -34,6 +33,7 @@ from lightning_robust.ot.normalized_wasserstein import (
 )
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.checkpoint import WeightsOnlyLoadFromCheckpoint
+from lightning_robust.utils.rng import keyed_generator
 from lightning_robust.utils.validation import (
     check_choice,
     check_non_negative,
@@ -247,10 +247,7 @@ class NWDomainAdaptation(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # 
 
     def _step_generator(self, stream: str) -> torch.Generator:
         """Noise keyed by (seed, step counter, rank, stream): resumable without RNG state, distinct per rank."""
-        key = f"{self.seed}/{int(self.da_step)}/{self.global_rank}/{stream}".encode()
-        g = torch.Generator(device=self.device)
-        g.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1))
-        return g
+        return keyed_generator(f"{self.seed}/{int(self.da_step)}/{self.global_rank}/{stream}", self.device)
 
     # ---- training ---------------------------------------------------------------------------------------
     @staticmethod

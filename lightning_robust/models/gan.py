@@ -18,7 +18,6 @@ Subclasses (NW-GAN, entropic GAN, distilled GAN) override :meth:`GAN.generate`,
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import types
 from typing import Any
@@ -32,6 +31,7 @@ from torch import nn
 
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.checkpoint import WeightsOnlyLoadFromCheckpoint
+from lightning_robust.utils.rng import keyed_generator
 from lightning_robust.utils.validation import (
     check_choice,
     check_fraction,
@@ -231,10 +231,7 @@ class GAN(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ignore[mi
     # ---- noise ----------------------------------------------------------------------------------------
     def step_generator(self, stream: str = "latent") -> torch.Generator:
         """A generator seeded by (seed, step counter, global rank, stream): stateless and resumable."""
-        key = f"{self.seed}/{int(self.gan_step)}/{self.global_rank}/{stream}".encode()
-        g = torch.Generator(device=self.device)
-        g.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1))
-        return g
+        return keyed_generator(f"{self.seed}/{int(self.gan_step)}/{self.global_rank}/{stream}", self.device)
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` standard normal latents of shape ``[n, latent_dim, *latent_shape]``."""

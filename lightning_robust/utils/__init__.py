@@ -11,6 +11,7 @@ from lightning_robust.utils.checkpoint import (
 from lightning_robust.utils.feature_extractor import FeatureExtractor, resolve_layer
 from lightning_robust.utils.image_logging import log_image
 from lightning_robust.utils.params import count_parameters
+from lightning_robust.utils.rng import keyed_generator
 from lightning_robust.utils.text import HFTokenizer, WordVocabulary, basic_tokenize, highlight_changes, load_glove
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "count_parameters",
     "extract_state_dict",
     "highlight_changes",
+    "keyed_generator",
     "load_glove",
     "load_module",
     "log_image",

@@ -17,7 +17,6 @@ DDP start-up costs ~8 s a process on the CI machine) and returns rank 0's final 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,6 +42,7 @@ from lightning_robust.models import (
     TextClassifier,
 )
 from lightning_robust.nets import MLP, DualCritic, LinearGenerator, MLPGenerator, WordVectorClassifier
+from lightning_robust.utils.rng import keyed_generator
 from tests.helpers.ddp import flat_params, run_ddp_script, single_trainer
 
 __all__ = ["CASES", "EquivalenceCase", "fit_single", "global_batches", "run_ddp_cases"]
@@ -191,10 +191,7 @@ class _BothRanks:
         return _Stream(stream)
 
     def _rank_generator(self, rank: int, stream: str) -> torch.Generator:
-        key = f"{self.seed}/{int(self.gan_step)}/{rank}/{stream}".encode()
-        g = torch.Generator(device=self.device)
-        g.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1))
-        return g
+        return keyed_generator(f"{self.seed}/{int(self.gan_step)}/{rank}/{stream}", self.device)
 
     def sample_latents(self, n: int, generator: Any = None) -> torch.Tensor:
         parent = super()
