@@ -16,12 +16,13 @@ from lightning_robust.attacks.poisons import (
     simplex_least_squares,
 )
 from lightning_robust.attacks.recoloradv import ReColorAdv
-from lightning_robust.attacks.spgd import SPGD, EmbeddingPGD
+from lightning_robust.attacks.spgd import SPGD, AdvTText, EmbeddingPGD, IAdvTText
 from lightning_robust.attacks.stadv import StAdv
 from lightning_robust.attacks.text import TextAttack, TextAttackResult
 from lightning_robust.attacks.threat import ThreatModel
 
 __all__ = [
+    "AdvTText",
     "Attack",
     "Compose",
     "ConvexPolytope",
@@ -29,6 +30,7 @@ __all__ = [
     "FGSM",
     "FeatureCollision",
     "FunctionalAttack",
+    "IAdvTText",
     "LayerFeatures",
     "PGD",
     "Perturbation",

@@ -15,6 +15,7 @@ from lightning_robust.nets.resnet import ResNet18, ResNet32
 from lightning_robust.nets.small_cnn import SmallCNN
 from lightning_robust.nets.text import TransformerClassifier, WordVectorClassifier
 from lightning_robust.nets.wide_resnet import WideResNet
+from lightning_robust.nets.word_lm import WordLanguageModel
 
 for _name, _factory in {
     "mlp": MLP,
@@ -72,6 +73,7 @@ __all__ = [
     "TorchvisionBackbone",
     "TransformerClassifier",
     "WideResNet",
+    "WordLanguageModel",
     "WordVectorClassifier",
     "available_nets",
     "build_net",
