@@ -1,9 +1,12 @@
 """A LightningModule for text classification with optional SPGD adversarial training (arXiv 1905.12864).
 
-Adversarial training for text in embedding space (Miyato et al. 2017) minimises
-``L(x, y) + lambda * L(E[x] + r_adv, y)``; the SPGD paper's interpretable variant takes ``r_adv`` from
-:class:`~lightning_robust.attacks.SPGD`, so each word's perturbation points toward a neighbouring word and only a
-few words are perturbed. ``adversarial_mode="tokens"`` instead trains on the rounded adversarial token sequences
+Adversarial training for text in embedding space (Miyato et al. 2017, :class:`~lightning_robust.attacks.AdvTText`)
+minimises ``L(x, y) + lambda * L(E[x] + r_adv, y)``; Sato et al. 2018's interpretable variant takes ``r_adv``
+from :class:`~lightning_robust.attacks.IAdvTText` (directions toward neighbouring words), the SPGD paper's from
+:class:`~lightning_robust.attacks.SPGD`, so each word's perturbation points toward a neighbouring word and only
+a few words are perturbed. As in those papers' code, the perturbation is computed in train mode (dropout on;
+``perturbation_mode="train"``), and the adversarial loss is a second train-mode forward pass at ``E[x] + r_adv``.
+``adversarial_mode="tokens"`` instead trains on the rounded adversarial token sequences
 (discrete adversarial training).
 """
 
@@ -53,10 +56,13 @@ class TextClassifier(Classifier):
     Args:
         net: the text classifier.
         attack: the training attack (``SPGD(...)`` for the paper's interpretable adversarial training,
-            ``EmbeddingPGD(...)`` for the unconstrained one); ``None`` trains on clean text only.
+            ``AdvTText(...)`` / ``IAdvTText(...)`` for Miyato et al.'s / Sato et al.'s, ``EmbeddingPGD(...)`` for
+            the iterated unconstrained one); ``None`` trains on clean text only.
         adversarial_weight: ``lambda``, the weight of the adversarial loss.
         adversarial_mode: ``"embedding"`` (the continuous perturbation, as in the paper) or ``"tokens"``
             (the rounded adversarial tokens).
+        perturbation_mode: the mode the embedding perturbation's gradients are taken in: ``"train"`` (dropout
+            on, as Miyato et al. and Sato et al. do) or ``"attack"`` (the attack's own ``model_mode``).
         evaluate_attack: run ``attack`` (or ``eval_attack``) on validation and test batches and log its results.
         eval_attack: the attack used for evaluation (default: ``attack``).
         num_classes, optimizer, scheduler, scheduler_interval, scheduler_monitor, label_smoothing: as in
@@ -76,6 +82,7 @@ class TextClassifier(Classifier):
         attack: TextAttack | None = None,
         adversarial_weight: float = 1.0,
         adversarial_mode: str = "embedding",
+        perturbation_mode: str = "train",
         evaluate_attack: bool = False,
         eval_attack: TextAttack | None = None,
         num_classes: int | None = None,
@@ -90,9 +97,11 @@ class TextClassifier(Classifier):
                          label_smoothing=label_smoothing)
         for name, value in (("attack", attack), ("eval_attack", eval_attack)):
             if value is not None and not isinstance(value, TextAttack):
-                raise TypeError(f"{name} must be a TextAttack (SPGD, EmbeddingPGD), got {type(value).__name__}")
+                raise TypeError(f"{name} must be a TextAttack (SPGD, AdvTText, IAdvTText, EmbeddingPGD), "
+                                f"got {type(value).__name__}")
         check_non_negative("adversarial_weight", adversarial_weight)
         check_choice("adversarial_mode", adversarial_mode, ("embedding", "tokens"))
+        check_choice("perturbation_mode", perturbation_mode, ("train", "attack"))
         if evaluate_attack and attack is None and eval_attack is None:
             raise ValueError("evaluate_attack=True needs an attack or an eval_attack")
         if not callable(getattr(net, "get_input_embeddings", None)) and (attack is not None or eval_attack is not None):
@@ -105,6 +114,7 @@ class TextClassifier(Classifier):
         self.eval_attack = eval_attack if eval_attack is not None else attack
         self.adversarial_weight = adversarial_weight
         self.adversarial_mode = adversarial_mode
+        self.perturbation_mode = perturbation_mode
         self.evaluate_attack = evaluate_attack
         self.train_adv_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.val_adv_acc = MulticlassAccuracy(self.num_classes, average="micro")
@@ -136,7 +146,8 @@ class TextClassifier(Classifier):
         text_attack = cast("TextAttack | None", self.attack)
         if text_attack is not None and self.adversarial_weight > 0:
             if self.adversarial_mode == "embedding":
-                r = text_attack.embedding_perturbation(self, ids, y, mask)
+                r = text_attack.embedding_perturbation(
+                    self, ids, y, mask, model_mode="train" if self.perturbation_mode == "train" else None)
                 embeds = self.get_input_embeddings()(ids) + r
                 adv_logits = self(inputs_embeds=embeds, attention_mask=mask)
                 words = (r.norm(dim=-1) > 0).sum(1).float().mean()
