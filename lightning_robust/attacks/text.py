@@ -186,13 +186,15 @@ class TextAttack(ABC):
         out = ids.clone()
         if not bool(free.any()):
             return out
+        from lightning_robust.attacks.spgd import nearest_other_distance, nearest_tokens
+
         rf = r[free]
         # A word whose perturbation is shorter than half the distance to its nearest other allowed token is
         # strictly nearer to itself than to any token: only the others need the vocabulary-wide search.
+        if "nn_dist" not in ctx:  # computed on first rounding only (adversarial training never rounds)
+            ctx["nn_dist"] = nearest_other_distance(E, ids[free], ctx["allowed"])
         may = rf.norm(dim=1) >= ctx["nn_dist"] / 2 - 1e-6
         if bool(may.any()):
-            from lightning_robust.attacks.spgd import nearest_tokens
-
             orig = ids[free]
             new = orig.clone()
             new[may] = nearest_tokens(E[orig[may]] + rf[may], E, orig[may], ctx["allowed"])
@@ -239,9 +241,6 @@ class TextAttack(ABC):
         scale = norms.sum(1) / free.sum(1).clamp_min(1)
         ctx = self.prepare(E, input_ids, free, allowed, scale)
         ctx.update(E=E, input_ids=input_ids, free=free, allowed=allowed, scale=scale)
-        from lightning_robust.attacks.spgd import nearest_other_distance
-
-        ctx["nn_dist"] = nearest_other_distance(E, input_ids[free], allowed)
         return e0, mask, free, ctx
 
     def _step(self, model: nn.Module, e0: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, y: torch.Tensor,
