@@ -56,10 +56,10 @@ LM_HELDOUT = 500
 # The target: Kim-style CNN over trainable GloVe-50d, all 25,000 training reviews (first MAX_LEN tokens).
 MAX_LEN = 256
 CLS_CFG: dict[str, Any] = dict(kernel_sizes=(3, 4, 5), num_filters=32, dropout=0.5, epochs=2, batch_size=64, lr=2e-3)
-N_ATTACK, N_ROBUST = 500, 200
+N_ATTACK, N_ROBUST = 500, 100
 # The adversarial-training table (4 methods x 3 seeds) trains on a label-balanced random subset of the training
 # reviews: 12 runs on all 25,000 did not fit this machine's time (see the BENCHMARKS text).
-ADV_TRAIN = 5000
+ADV_TRAIN = 2000
 
 
 def _log(msg: str) -> None:

@@ -29,7 +29,8 @@ class WordLanguageModel(nn.Module):
     """Causal Transformer language model over word ids with an adaptive softmax output.
 
     Args:
-        vocab_size: number of word ids (the classifier's vocabulary plus any extra tokens, e.g. ``<bos>``).
+        vocab_size: number of word ids (the classifier's vocabulary plus any extra tokens, e.g. ``<bos>``;
+            default: the 20,000-word GloVe vocabulary plus ``<bos>``).
         context: the longest sequence scored at once (positions), in tokens.
         dim: model width.
         layers: Transformer blocks.
@@ -48,7 +49,7 @@ class WordLanguageModel(nn.Module):
         >>> logp = lm.token_log_probs(ids, mask)   # [B, T - 1]: log p(ids[:, t] | ids[:, :t])
     """
 
-    def __init__(self, vocab_size: int, context: int = 256, dim: int = 128, layers: int = 2, heads: int = 4,
+    def __init__(self, vocab_size: int = 20001, context: int = 256, dim: int = 128, layers: int = 2, heads: int = 4,
                  ff: int = 512, cutoffs: Sequence[int] = (2000, 8000), dropout: float = 0.1) -> None:
         super().__init__()
         check_positive_int("vocab_size", vocab_size, minimum=3)
