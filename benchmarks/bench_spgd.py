@@ -16,7 +16,8 @@ a 256-word context trained here on the IMDB training reviews, early-stopped on 5
 
 Stages are cached under ``runs/bench_cache/spgd`` (JSON and weights) so that a long run resumes where it
 stopped: ``python -m benchmarks.bench_spgd lm`` for the language model alone, ``python -m benchmarks.bench_spgd
-all`` or ``python -m benchmarks spgd [--quick]`` for every stage and the Markdown.
+all`` or ``python -m benchmarks spgd [--quick]`` for every stage and the Markdown, ``python -m
+benchmarks.bench_spgd report`` for the Markdown of what the cache holds (missing runs marked as such).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ N_ATTACK, N_ROBUST = 500, 100
 # The adversarial-training table (4 methods x 3 seeds) trains on a label-balanced random subset of the training
 # reviews: 12 runs on all 25,000 did not fit this machine's time (see the BENCHMARKS text).
 ADV_TRAIN = 2000
+# Iterative attacks (embedding PGD, SPGD): STEPS steps of ALPHA mean word-embedding norms.
+STEPS, ALPHA = 10, 0.5
 
 
 def _log(msg: str) -> None:
@@ -85,9 +88,14 @@ def _dir(quick: bool) -> Path:
     return d
 
 
+CACHED_ONLY = False  # report from the cache, without computing what is missing (set by ``report``)
+
+
 def _cached(path: Path, fn: Callable[[], Any]) -> Any:
     if path.is_file():
         return json.loads(path.read_text())
+    if CACHED_ONLY:
+        return None
     out = fn()
     path.write_text(json.dumps(out))
     return out
@@ -163,9 +171,9 @@ def _training_attacks() -> dict[str, TextAttack | None]:
     # adversarial-training methods; SPGD then projects it onto its neighbour segments and keeps at most 5 words.
     return {
         "standard": None,
+        "SPGD": SPGD(max_words=5, threshold=0.0, steps=1, alpha=1.0),
         "AdvT": AdvTText(xi=1.0),
         "iAdvT": IAdvTText(xi=1.0, num_neighbours=10),
-        "SPGD": SPGD(max_words=5, threshold=0.0, steps=1, alpha=1.0),
     }
 
 
@@ -231,10 +239,10 @@ def _attacks() -> dict[str, TextAttack]:
     for eps in (1.0, 2.0, 4.0):
         out[f"AdvT-Text, xi {eps:g}"] = AdvTText(xi=eps)
         out[f"iAdvT-Text, xi {eps:g}"] = IAdvTText(xi=eps)
-        out[f"embedding PGD, eps {eps:g}"] = EmbeddingPGD(eps=eps, steps=20)
-        out[f"SPGD, max 10 words, eps {eps:g}"] = SPGD(max_words=10, eps=eps, steps=20)
-    out["SPGD, max 1 word"] = SPGD(max_words=1, steps=20)
-    out["SPGD, max 3 words"] = SPGD(max_words=3, steps=20)
+        out[f"embedding PGD, eps {eps:g}"] = EmbeddingPGD(eps=eps, steps=STEPS, alpha=ALPHA)
+        out[f"SPGD, max 10 words, eps {eps:g}"] = SPGD(max_words=10, eps=eps, steps=STEPS, alpha=ALPHA)
+    out["SPGD, max 1 word"] = SPGD(max_words=1, steps=STEPS, alpha=ALPHA)
+    out["SPGD, max 3 words"] = SPGD(max_words=3, steps=STEPS, alpha=ALPHA)
     return out
 
 
@@ -279,14 +287,17 @@ def attack_table(data: dict[str, Any], lm_path: str, quick: bool) -> dict[str, A
             _log(f"  {name}: {len(won)} successes of {sum(r['ok'])} ({r['seconds']:.0f}s)")
             return r
 
-        out[name] = _cached(f, one)
+        res = _cached(f, one)
+        if res is not None:
+            out[name] = res
     return {"ppl0": ppl0, "attacks": out}
 
 
 # ---- stage 4: robustness of every trained model -----------------------------------------------------------
 def _robust_attacks() -> dict[str, TextAttack]:
     return {"AdvT-Text xi 2": AdvTText(xi=2.0), "iAdvT-Text xi 2": IAdvTText(xi=2.0),
-            "embedding PGD eps 2": EmbeddingPGD(eps=2.0, steps=20), "SPGD max 3 words": SPGD(max_words=3, steps=20)}
+            "embedding PGD eps 2": EmbeddingPGD(eps=2.0, steps=STEPS, alpha=ALPHA),
+            "SPGD max 3 words": SPGD(max_words=3, steps=STEPS, alpha=ALPHA)}
 
 
 def robustness(data: dict[str, Any], key: str, quick: bool) -> dict[str, float]:
@@ -389,18 +400,26 @@ def run(quick: bool = False) -> str:
     target = train_classifier(data, "standard", 0, quick)
     table = attack_table(data, lm["path"], quick)
     trained = {m: [train_classifier(data, m, s, quick, limit) for s in seeds] for m in _training_attacks()}
-    robust = {m: [robustness(data, f"{m}_s{s}_n{limit}", quick) for s in seeds] for m in _training_attacks()}
+    robust = {m: [robustness(data, f"{m}_s{s}_n{limit}", quick) if t is not None else None
+                  for s, t in zip(seeds, trained[m])] for m in _training_attacks()}
     n_rev = len(table["ppl0"])
     main, pairs = _attack_markdown(table, n_rev)
     lengths = data["lengths"]
     longer = sum(n > MAX_LEN for n in lengths) / len(lengths)
-    std_acc = [t["test_acc"] for t in trained["standard"]]
+    std_acc = {t["seed"]: t["test_acc"] for t in trained["standard"] if t is not None}
     rows2 = []
-    for m, runs in trained.items():
+    for m, all_runs in trained.items():
+        runs = [t for t in all_runs if t is not None]
+        if not runs:
+            rows2.append([m, "not run (out of time)", "", *["" for _ in _robust_attacks()], ""])
+            continue
         accs = [t["test_acc"] for t in runs]
-        diff = [100 * (a - b) for a, b in zip(accs, std_acc)]
-        rob = [mean_std([r[k] for r in robust[m]]) for k in _robust_attacks()]
-        rows2.append([m, mean_std(accs, 4), mean_std(diff, 2) if m != "standard" else "-", *rob,
+        diff = [100 * (t["test_acc"] - std_acc[t["seed"]]) for t in runs if t["seed"] in std_acc]
+        robs = [r for r in robust[m] if r is not None]
+        rob = [mean_std([r[k] for r in robs]) if robs else "-" for k in _robust_attacks()]
+        seeds_note = "" if len(runs) == len(seeds) else f" (seeds {[t['seed'] for t in runs]} only)"
+        rows2.append([m + seeds_note, mean_std(accs, 4),
+                      mean_std(diff, 2) if m != "standard" and diff else "-", *rob,
                       f"{statistics.fmean(t['fit_seconds'] for t in runs):.0f}"])
     hist = ", ".join(f"{s}: {p:.0f}" for s, p in lm["history"])
     n_test = len(data["test"])
@@ -424,7 +443,7 @@ def run(quick: bool = False) -> str:
         "error over reviews (one target model); ppl ratio: geometric mean of adversarial / original per review). "
         "xi and eps are the L2 norm of the whole review's perturbation in units of its mean word-embedding norm "
         "(matched budgets: the same value is the same L2 norm for every method; SPGD's max-1/3-word rows have no "
-        "L2 cap). AdvT/iAdvT: one step (their papers); PGD, SPGD: 20 steps of 0.25. No early stopping; every "
+        f"L2 cap). AdvT/iAdvT: one step (their papers); PGD, SPGD: {STEPS} steps of {ALPHA}. No early stopping; every "
         "final perturbation is rounded to the nearest words.",
         "",
         main,
@@ -462,8 +481,12 @@ def _main() -> None:
         _log(json.dumps(language_model(root, quick)))
     elif stage == "all":
         print(run(quick))
+    elif stage == "report":
+        global CACHED_ONLY
+        CACHED_ONLY = True
+        print(run(quick))
     else:
-        raise SystemExit(f"unknown stage {stage!r}: lm or all")
+        raise SystemExit(f"unknown stage {stage!r}: lm, all or report")
 
 
 if __name__ == "__main__":
