@@ -41,8 +41,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from lightning_robust.attacks.base import LOSSES, MODEL_MODES, attack_loss, model_mode
-from lightning_robust.attacks.base import model_mode as model_mode_ctx
+from lightning_robust.attacks.base import LOSSES, attack_loss
+from lightning_robust.utils.modules import MODEL_MODES, model_mode
+from lightning_robust.utils.modules import model_mode as model_mode_ctx  # the argument of the same name shadows it
 from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int
 
 __all__ = ["TextAttack", "TextAttackResult", "model_logits"]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_robust.attacks.text import TextAttack
+from lightning_robust.utils.modules import model_mode
 from lightning_robust.utils.text import TextTokenizer, WordVocabulary, basic_tokenize
 from lightning_robust.utils.validation import check_positive_int
 
@@ -142,9 +143,7 @@ def per_word_perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], 
         for start, end, first in sliding_windows(len(ids), limit, stride):
             rows.append((i, ids[start:end], first - start))
     nll = [0.0] * len(texts)
-    was_training = model.training
-    model.eval()
-    try:
+    with model_mode(model, "eval"):
         for lo in range(0, len(rows), batch_size):
             chunk = rows[lo: lo + batch_size]
             T = max(len(r[1]) for r in chunk)
@@ -160,8 +159,6 @@ def per_word_perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], 
                 nll[chunk[j][0]] += value
         for i, (n, w) in enumerate(zip(nll, words)):
             out[i] = math.exp(n / w) if w > 0 else float("nan")
-    finally:
-        model.train(was_training)
     return out
 
 
