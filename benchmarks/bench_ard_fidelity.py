@@ -4,10 +4,12 @@ The paper's claims: (1) a student distilled on clean images (KD) inherits some o
 robustness but far from all of it; (2) ARD's student is more robust than the KD student and at least as
 robust as an adversarially trained (AT) student of the same architecture, most clearly for small students.
 Claim (2) can only be tested when the teacher is clearly more robust than an AT student, so the teacher here
-is a SmallCNN of width 2 trained longer (PGD-7 AT), and the table prints the teacher - AT gap per size.
+is a SmallCNN (PGD-7 AT, about 33x a 64-unit student's parameters) and the students are small MLPs whose AT
+versions stay well below it; the table prints the teacher - AT gap per size. (A 256-256 MLP student, AT-trained,
+comes within about one point of this teacher, so it cannot test the claim; it is left out to fit the CPU budget.)
 
 Setting: the bundled 8x8 digits (first 1437 for training, the held-out 360 for test; 17 grey levels, so
-L-inf eps = 0.1). Students: three ReLU MLPs (hidden 16, 64 and 256-256), each trained for the same number
+L-inf eps = 0.1). Students: two ReLU MLPs (hidden 32 and 64), each trained for the same number
 of epochs (Adam 2e-3, batch 64) as (a) natural cross-entropy, (b) Madry AT with PGD-10 (step eps/4, random
 start), (c) KD (``ARDStudent(adversarial_mode="clean")``) and (d) ARD with the same PGD-10 on the student,
 for T in {1, 5, 30} (30 is the paper's CIFAR-10 value), alpha 1 as in the paper. The KL uses "batchmean"
@@ -40,7 +42,7 @@ from lightning_robust.nets import MLP, SmallCNN
 
 EPS = 0.1
 TEMPERATURES = (1, 5, 30)
-SIZES: dict[str, tuple[int, ...]] = {"MLP 16": (16,), "MLP 64": (64,), "MLP 256-256": (256, 256)}
+SIZES: dict[str, tuple[int, ...]] = {"MLP 32": (32,), "MLP 64": (64,)}
 
 
 def _student(hidden: tuple[int, ...]) -> nn.Module:
@@ -93,19 +95,19 @@ def _paired(a: list[float], b: list[float]) -> tuple[str, str]:
 def run(quick: bool = False) -> str:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     t_start = time.perf_counter()
-    teacher_epochs, epochs, seeds = (4, 3, [0, 1]) if quick else (40, 20, list(DEFAULT_SEEDS))
+    teacher_epochs, epochs, seeds = (4, 3, [0, 1]) if quick else (20, 20, list(DEFAULT_SEEDS))
     temperatures = TEMPERATURES
     dm = DigitsDataModule(batch_size=64, val_fraction=0.0, seed=0)
     dm.setup()
     x, y = next(iter(DataLoader(dm.test_dataset, batch_size=10_000)))  # type: ignore[arg-type]
 
     pl.seed_everything(0, verbose=False)
-    teacher_model = Classifier(SmallCNN(input_size=8, width=2), optimizer=partial(torch.optim.Adam, lr=2e-3),
+    teacher_model = Classifier(SmallCNN(input_size=8), optimizer=partial(torch.optim.Adam, lr=2e-3),
                                attack=PGD(eps=EPS, alpha=EPS / 4, steps=7, random_start=True))
     teacher_time = _fit(teacher_model, teacher_epochs)
     teacher = teacher_model.net.eval()
     t_clean, t_robust = _accuracies(teacher, x, y)
-    rows: list[list[Any]] = [["teacher: SmallCNN width 2, PGD-7 AT", "-",
+    rows: list[list[Any]] = [["teacher: SmallCNN, PGD-7 AT", "-",
                               sum(p.numel() for p in teacher.parameters()), f"{t_clean:.3f}", f"{t_robust:.3f}"]]
     kinds = ["natural", "at"] + [f"{m}@{t}" for t in temperatures for m in ("kd", "ard")]
     label = {"natural": "natural", "at": "AT, PGD-10 (Madry)"}
@@ -134,7 +136,7 @@ def run(quick: bool = False) -> str:
             d_kd, v_kd = _paired(ard, kd)
             comparisons.append([size, f"{gap:+.3f}", t, mean_std(ard), d_at, v_at, d_kd, v_kd])
     return (
-        f"### ARD on the digits: three student sizes, T in {{1, 5, 30}} (L-inf eps = {EPS}; students {epochs} "
+        f"### ARD on the digits: two student sizes, T in {{1, 5, 30}} (L-inf eps = {EPS}; students {epochs} "
         f"epochs, teacher {teacher_epochs} epochs; seeds {seeds}; {len(y)} test digits)\n\n"
         + markdown_table(["student", "training", "parameters", "clean acc", "PGD-20 acc"], rows)
         + "\n\nPaired per-seed differences of PGD-20 accuracy (same seed, same test images, same evaluation "
