@@ -127,7 +127,8 @@ def run(quick: bool = False) -> str:
                 robust.append(r)
             results[kind] = (clean, robust)
             rows.append([size, label[kind], n_params, mean_std(clean), mean_std(robust)])
-            print(f"{size} {label[kind]}: clean {mean_std(clean)} PGD-20 {mean_std(robust)}", flush=True)
+            print(f"{size} {label[kind]}: clean {mean_std(clean)} PGD-20 {mean_std(robust)} "
+                  f"(per seed: clean {clean}, PGD-20 {robust})", flush=True)
         at = results["at"][1]
         gap = t_robust - statistics.fmean(at)
         for t in temperatures:
