@@ -16,8 +16,7 @@ Protocol (Zhu et al.'s convex-polytope transfer setting, as Peri et al. use it; 
    beta of Shafahi et al.'s definition, ``beta0 * 2048^2 / dim_b^2`` (beta0 = 0.25, pixels in 0..255, dim_b
    the input dimension), converted to [0, 1] pixels; a control keeps the bases clean.
 4. The victim retrains its last layer (warm start, Adam lr 0.1 as the authors) on the fine-tuning set with the
-   poisons (clean
-   labels). Attack success: the target is then classified as the base class.
+   poisons (clean labels). Attack success: the target is then classified as the base class.
 5. Each defence filters the fine-tuning set in the victim's feature space first: Deep k-NN at normalized
    k = k / (examples per class) in {1, 1.5, 2} (k = 50, 75, 100), L2 outlier and random eviction (5% of each
    class), one-class SVM (nu = 0.05). Detection rate = share of poisons removed, counted over the pairs where
