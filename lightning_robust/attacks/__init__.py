@@ -14,6 +14,7 @@ from lightning_robust.attacks.poisons import (
     nearest_to_target,
     project_simplex,
     simplex_least_squares,
+    simplex_projected_gradient,
 )
 from lightning_robust.attacks.recoloradv import ReColorAdv
 from lightning_robust.attacks.spgd import SPGD, AdvTText, EmbeddingPGD, IAdvTText
@@ -51,5 +52,6 @@ __all__ = [
     "rgb_to_cieluv",
     "rgb_to_yuv",
     "simplex_least_squares",
+    "simplex_projected_gradient",
     "yuv_to_rgb",
 ]
