@@ -445,11 +445,13 @@ def _nw_sinkhorn_cost(cost: torch.Tensor, groups: torch.Tensor, k: int, proporti
     ``method="auto"`` iterates on scaling vectors, ``γ = diag(u) K diag(v)`` with the stabilised kernel
     ``K = exp((f ⊕ g - C) / ε)``: two matrix-vector products per iteration, into preallocated buffers, and
     one convergence test every 10 iterations, as POT's ``sinkhorn``. Where ``exp(-C/ε)`` cannot underflow
-    (cost range below ``500 ε``) the potentials ``f, g`` stay zero. Otherwise this is POT's
-    ``sinkhorn_stabilized`` scheme: when ``u`` or ``v`` leave ``[e^-50, e^50]``, or a row or column sum of
-    ``K`` gets near the underflow limit, they are absorbed into ``f, g`` (``f += ε log u``), one log-domain
-    iteration repairs any row or column that underflowed, and ``K`` is rebuilt. The iterates are the
-    log-domain ones (``method="log"``, the reference, kept for tests) up to rounding.
+    (cost range below ``500 ε``) the potentials ``f, g`` stay zero and the loop runs without clamps; should a
+    scaling still leave the float range (a non-finite error at a test), it restarts stabilised. Otherwise
+    this is POT's ``sinkhorn_stabilized`` scheme: when ``u`` or ``v`` leave ``[e^-50, e^50]``, or a row or
+    column sum of ``K`` gets near the underflow limit, they are absorbed into ``f, g`` (``f += ε log u``),
+    one log-domain iteration repairs any row or column that underflowed, and ``K`` is rebuilt. Between
+    absorptions the iterates are the log-domain ones (``method="log"``, the reference, kept for tests) up to
+    rounding, and both converge to the same plan.
     """
     b, n, m = cost.shape
     eps = reg
