@@ -183,6 +183,26 @@ def test_scaling_path_matches_log_domain_where_the_kernel_underflows(fixed):
         _nw_sinkhorn_cost(cost[None], groups, 3, pi, eps, 10, 1e-6, method="kernel")
 
 
+@pytest.mark.parametrize("rel_reg", [0.05, 0.003], ids=["plain-kernel", "stabilised"])
+def test_batched_scaling_path_matches_log_domain(rel_reg):
+    # The two-sample test solves a batch of problems at once (bmm into buffers); each must be the log-domain
+    # solution of its own problem.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 12, 2, generator=g, dtype=torch.float64) * 1.5
+    support = torch.cat([mu + 0.4 * torch.randn(6, 2, generator=g) for mu in MEANS]).double()
+    groups = torch.arange(3).repeat_interleave(6)
+    cost = torch.stack([_pairwise_cost(xi, support, 1) for xi in x])
+    eps = rel_reg * float(cost.mean())
+    assert (float(cost.max() - cost.min()) / eps >= 500) == (rel_reg < 0.01)  # which path runs
+    fast = _nw_sinkhorn_cost(cost, groups, 3, None, eps, 50_000, 1e-12)
+    ref = _nw_sinkhorn_cost(cost, groups, 3, None, eps, 50_000, 1e-12, method="log")
+    assert torch.allclose(fast.plan, ref.plan, rtol=0, atol=1e-10)
+    assert torch.allclose(fast.value, ref.value, rtol=1e-10, atol=0)
+    for i in range(3):  # and batching changes nothing
+        one = _nw_sinkhorn_cost(cost[i:i + 1], groups, 3, None, eps, 50_000, 1e-12)
+        assert torch.allclose(one.plan[0], fast.plan[i], rtol=0, atol=1e-10)
+
+
 def test_nw_is_small_where_w_is_large_for_reweighted_mixtures():
     g = torch.Generator().manual_seed(1)
     comps = _components(60, g)
