@@ -246,7 +246,7 @@ def train(target: int, seeds: tuple[int, ...] = DEFAULT_SEEDS, eval_every: int =
     return runs
 
 
-def _table(runs: list[_Run]) -> tuple[int, str, str]:
+def _table(runs: list[_Run]) -> tuple[int, str, str, str]:
     common = min(r.epoch for r in runs)
     evals = {(r.start, r.seed): {t["epoch"]: t for t in r.trajectory} for r in runs}
     points = sorted(set.intersection(*(set(e) for e in evals.values())))
@@ -262,8 +262,18 @@ def _table(runs: list[_Run]) -> tuple[int, str, str]:
                      mean_std([float(t["cov_error"]) for t in ts], 5), mean_std([float(t["loglik"]) for t in ts], 2),
                      mean_std([float(t["loglik_true"]) for t in ts], 2),
                      "[" + ", ".join(f"{p:.2f}" for p in ts[0]["pi_estimate"]) + "]"])
+    verdict = ""
     if final and len(rows) == 2:  # paired over seeds: the two starts share data, initial weights and π start
         pairs = [(evals[("kmeans", s)][final], evals[("random", s)][final]) for s in sorted({r.seed for r in runs})]
+        words = []
+        for key, label in (("empty_modes", "empty modes"), ("pi_error", "π error")):
+            d = torch.tensor([float(km[key]) - float(rd[key]) for km, rd in pairs], dtype=torch.float64)
+            spread = float(d.std()) if len(d) > 1 else float("inf")
+            lower = float(d.mean()) + spread < 0  # "beats" only where the paired difference exceeds its spread
+            words.append(f"{label}: k-means − random {float(d.mean()):+.3g} ± {spread:.2g} "
+                         f"({'lower beyond the spread' if lower else 'not beyond the spread'})")
+        verdict = (f"**Verdict after {final} of {TOTAL_EPOCHS} epochs (not the authors' end point):** "
+                   + "; ".join(words) + ".")
         rows.append(["k-means − random, paired over seeds", final] + [
             mean_std([float(km[key]) - float(rd[key]) for km, rd in pairs], d)
             for key, d in (("empty_modes", 1), ("pi_error", 4), ("mean_error", 4), ("cov_error", 5), ("loglik", 2))
@@ -280,7 +290,7 @@ def _table(runs: list[_Run]) -> tuple[int, str, str]:
         traj_rows.append(row)
     traj = markdown_table(["epoch", "random: empty modes", "random: pi error", "random: log-lik",
                            "k-means: empty modes", "k-means: pi error", "k-means: log-lik"], traj_rows)
-    return common, summary, traj
+    return common, summary, traj, verdict
 
 
 def run(quick: bool = False) -> str:
@@ -295,7 +305,7 @@ def run(quick: bool = False) -> str:
     else:
         deadline = os.environ.get("NW_GAN_DEADLINE")
         runs = train(int(os.environ.get("NW_GAN_EPOCHS", "3")), deadline=float(deadline) if deadline else None)
-    common, summary, traj = _table(runs)
+    common, summary, traj, verdict = _table(runs)
     secs = sum(r.seconds for r in runs) / len(runs) / max(common, 1)
     return (f"The authors' recipe (see the module docstring), seeds {sorted({r.seed for r in runs})} (initial "
             f"weights, π start, data covariances and samples), both starts on the same seeds. **{common} of the "
@@ -304,7 +314,10 @@ def run(quick: bool = False) -> str:
             "11 s of a quiet core per epoch). Errors as in the authors' evaluation, lower is better; "
             "log-likelihood: mean over 4000 fresh data points under the model's exact Gaussian mixture, higher is "
             "better (it punishes components narrower than the data's without bound). Mean ± std over seeds.\n\n"
-            + summary + "\n\nTrajectory (mean ± std over the seeds):\n\n" + traj)
+            + summary + "\n\n" + verdict + "\n\nTrajectory (mean ± std over the seeds):\n\n" + traj
+            + f"\n\nResume towards the authors' {TOTAL_EPOCHS} epochs with `NW_GAN_EPOCHS={TOTAL_EPOCHS} python -m "
+            "benchmarks nw_gan_recipe --update` (optionally `NW_GAN_DEADLINE=<unix time>`): it continues from the "
+            "per-epoch checkpoints in `runs/nw_gan_recipe/`.")
 
 
 if __name__ == "__main__":
