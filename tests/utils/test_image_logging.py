@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
@@ -108,3 +111,25 @@ def test_only_rank_zero_logs_and_bad_images_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="NaN or inf"):
         log_image(_trainer(tmp_path, []), "img", torch.full((1, 2, 2), float("nan")))
     assert isinstance(bar_chart({"a": 1.0}), Figure)
+
+# From main (the cwd fix of issue 19), on a real Trainer:
+
+
+def test_no_logger_and_no_root_writes_nothing_in_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.warns(UserWarning, match="not saved"):  # skipped, and said so
+        assert log_image(trainer, "grid", torch.rand(3, 4, 4)) is None
+    assert os.listdir(tmp_path) == []
+
+
+def test_chosen_root_and_logger_dir_get_the_png(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "run"
+    trainer = pl.Trainer(logger=False, default_root_dir=str(root), enable_progress_bar=False)
+    out = log_image(trainer, "a/b", torch.rand(1, 4, 4))
+    assert out is not None and out.parent == root / "images" and out.is_file()
+    logged = pl.Trainer(logger=pl.loggers.CSVLogger(str(tmp_path / "csv")), enable_progress_bar=False)
+    out2 = log_image(logged, "x", torch.rand(3, 4, 4), step=3)
+    assert out2 is not None and Path(logged.loggers[0].log_dir) / "images" == out2.parent
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["csv", "run"]
