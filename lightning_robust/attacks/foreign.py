@@ -190,9 +190,9 @@ def as_attack(obj: Any, threat: ThreatModel | None = None, *, tol: float = 1e-5,
         argument: the argument name used in error messages (e.g. ``"attacks['pgd']"``).
 
     Raises:
-        TypeError: when ``obj`` is not callable, or ``threat`` is not a ThreatModel.
-        ValueError: when a foreign attack's threat model is unknown (a callable without ``threat``, a
-            minimum-norm torchattacks attack such as CW or DeepFool without ``threat``), or when
+        TypeError: when ``threat`` is not a ThreatModel.
+        ValueError: when ``obj`` is not callable, when a foreign attack's threat model is unknown (a callable
+            without ``threat``, a minimum-norm torchattacks attack such as CW or DeepFool without ``threat``), or when
             ``threat`` is given for one of the library's own attacks.
 
     Example:
@@ -207,8 +207,8 @@ def as_attack(obj: Any, threat: ThreatModel | None = None, *, tol: float = 1e-5,
             raise ValueError(f"{argument} is a library Attack with its own threat model {obj.threat!r}; do not "
                              f"pass threat={threat!r}")
         return obj
-    if not callable(obj):
-        raise TypeError(f"{argument} must be an Attack, a torchattacks attack or a callable "
+    if not callable(obj):  # ValueError, as the callbacks' other argument checks
+        raise ValueError(f"{argument} must be an Attack, a torchattacks attack or a callable "
                         f"attack(model, x, y) -> x_adv, got {type(obj).__name__}")
     if threat is None and is_torchattacks(obj):
         threat = _torchattacks_threat(obj)

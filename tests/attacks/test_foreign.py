@@ -67,7 +67,7 @@ def test_callable_matches_direct_call_and_keeps_the_contract(trained_digits_cnn:
 def test_callable_without_threat_model_names_the_argument() -> None:
     with pytest.raises(ValueError, match=r"attacks\['mine'\].*threat=ThreatModel"):
         as_attack(fgsm, argument="attacks['mine']")
-    with pytest.raises(TypeError, match="callable"):
+    with pytest.raises(ValueError, match="must be an Attack, a torchattacks attack or a callable"):
         as_attack(42)
 
 
