@@ -1,8 +1,10 @@
 """Adversarial attacks (pure PyTorch). Every attack follows the :class:`Attack` contract."""
 
+from lightning_robust.attacks.autoattack import AUTOATTACK_INSTALL, AutoAttack
 from lightning_robust.attacks.base import Attack, attack_loss, model_mode
 from lightning_robust.attacks.color_spaces import cieluv_to_rgb, rgb_to_cieluv, rgb_to_yuv, yuv_to_rgb
 from lightning_robust.attacks.compose import Compose
+from lightning_robust.attacks.foreign import ForeignAttack, ForeignAttackError, as_attack, check_adversarial_output
 from lightning_robust.attacks.functional_base import FunctionalAttack, Perturbation, optimize_perturbations
 from lightning_robust.attacks.pgd import FGSM, PGD
 from lightning_robust.attacks.poisons import (
@@ -24,12 +26,16 @@ from lightning_robust.attacks.threat import ThreatModel
 
 __all__ = [
     "AdvTText",
+    "AUTOATTACK_INSTALL",
     "Attack",
+    "AutoAttack",
     "Compose",
     "ConvexPolytope",
     "EmbeddingPGD",
     "FGSM",
     "FeatureCollision",
+    "ForeignAttack",
+    "ForeignAttackError",
     "FunctionalAttack",
     "IAdvTText",
     "LayerFeatures",
@@ -42,7 +48,9 @@ __all__ = [
     "TextAttack",
     "TextAttackResult",
     "ThreatModel",
+    "as_attack",
     "attack_loss",
+    "check_adversarial_output",
     "cieluv_to_rgb",
     "convex_polytope_loss",
     "model_mode",

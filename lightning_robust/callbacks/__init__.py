@@ -9,6 +9,7 @@ from lightning_robust.callbacks.finite_loss_guard import FiniteLossGuard, NonFin
 from lightning_robust.callbacks.gan_evaluation import GANEvaluation
 from lightning_robust.callbacks.likelihood_histogram import LikelihoodHistogram
 from lightning_robust.callbacks.poison_filter import FILTER_METHODS, DeepKNNPoisonFilter
+from lightning_robust.callbacks.prediction_writer import PredictionWriter
 from lightning_robust.callbacks.rng_state import RNGStateCheckpoint
 from lightning_robust.callbacks.robustness_evaluation import RobustnessEvaluation
 from lightning_robust.callbacks.saliency_certification import SaliencyCertification
@@ -23,6 +24,7 @@ __all__ = [
     "GANEvaluation",
     "LikelihoodHistogram",
     "NonFiniteLossError",
+    "PredictionWriter",
     "RNGStateCheckpoint",
     "RobustnessEvaluation",
     "SaliencyCertification",

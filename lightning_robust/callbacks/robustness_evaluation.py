@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 
-from lightning_robust.attacks import Attack, model_mode
+from lightning_robust.attacks import Attack, as_attack, model_mode
 from lightning_robust.metrics import RobustAccuracy
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.validation import check_fraction, check_positive_int, check_seed
@@ -66,12 +66,11 @@ class RobustnessEvaluation(pl.Callback):
         check_seed("seed", seed)
         if not isinstance(attacks, Mapping) or not attacks:
             raise ValueError(f"attacks must be a non-empty mapping of name -> Attack, got {attacks!r}")
-        for name, attack in attacks.items():
+        for name in attacks:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"attack names must be non-empty strings, got {name!r}")
-            if not isinstance(attack, Attack):
-                raise ValueError(f"attacks[{name!r}] must be an Attack, got {type(attack).__name__}")
-        self.attacks = dict(attacks)
+        # Foreign attacks (callables, torchattacks objects) get the Attack interface and its honesty checks.
+        self.attacks = {name: as_attack(attack, argument=f"attacks[{name!r}]") for name, attack in attacks.items()}
         self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
         self.max_batches = None if max_batches is None else check_positive_int("max_batches", max_batches)
         self.log_prefix = log_prefix
