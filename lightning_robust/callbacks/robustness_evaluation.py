@@ -71,7 +71,7 @@ class RobustnessEvaluation(EvaluationCallback):
 
     def __init__(
         self,
-        attacks: Mapping[str, AttackLike],
+        attacks: Mapping[str, Attack | AttackLike],
         every_n_epochs: int = 1,
         num_samples: int = 256,
         prefix: str = "robust",
@@ -102,7 +102,7 @@ class RobustnessEvaluation(EvaluationCallback):
             if not callable(attack):
                 raise TypeError(f"attacks[{name!r}] must be an Attack or a callable attack(model, x, y) -> x_adv, "
                                 f"got {type(attack).__name__}")
-        self.attacks = dict(attacks)
+        self.attacks: dict[str, Attack | AttackLike] = dict(attacks)
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.zero_grad_tolerance = check_fraction("zero_grad_tolerance", zero_grad_tolerance, inclusive_high=True)
         self.seed = int(seed)
