@@ -58,7 +58,10 @@ class CertificationCallback(EvaluationCallback):
         method: ``"simplex"`` (closed form), ``"decision_boundary"`` or ``"lipschitz"`` (baseline).
         radii: radii at which to report certified accuracy (``None``: from the first evaluation, see above).
         every_n_epochs: during fit, certify after epochs ``n-1, 2n-1, ...`` (0: never during fit).
-        num_samples: number of inputs to certify (over all processes).
+        num_samples: number of inputs to certify (over all processes). The default, 6, keeps one
+            evaluation within about a quarter of a training epoch of the 8x8-digits SmallCNN (a simplex
+            certificate costs about one forward pass per input dimension per sample; see
+            ``benchmarks/bench_callback_cost.py``); raise it for a final evaluation in ``trainer.test``.
         net: dotted path of the network inside the LightningModule (e.g. ``"net"``, ``"model.backbone"``);
             default: the module's ``net`` attribute if it is an ``nn.Module``, else the LightningModule
             itself (its ``forward`` must map inputs to logits).
@@ -83,7 +86,7 @@ class CertificationCallback(EvaluationCallback):
         method: str = "simplex",
         radii: Sequence[float] | None = None,
         every_n_epochs: int = 1,
-        num_samples: int = 256,
+        num_samples: int = 6,
         net: str | None = None,
         chunk_size: int = 4096,
         batch_size: int = 256,
@@ -93,7 +96,7 @@ class CertificationCallback(EvaluationCallback):
         max_samples: int | None = None,
     ) -> None:
         num_samples = renamed_argument("CertificationCallback", "max_samples", max_samples, "num_samples",
-                                       num_samples, 256)
+                                       num_samples, 6)
         super().__init__(every_n_epochs=every_n_epochs, prefix=prefix, net=net, num_samples=num_samples,
                          prog_bar=prog_bar)
         check_choice("method", method, CERTIFICATE_METHODS)
