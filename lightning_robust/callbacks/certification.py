@@ -51,7 +51,7 @@ class CertificationCallback(EvaluationCallback):
 
     All values are reduced over processes, so every rank logs the same numbers. Works with any module
     whose net is piecewise linear (ReLU, max/avg pooling, eval-mode BatchNorm, residual additions, ...);
-    ``setup`` certifies two inputs of the evaluation data, so a network with e.g. softplus fails before the
+    ``setup`` certifies one input of the evaluation data, so a network with e.g. softplus fails before the
     first training step with a ``NotPiecewiseLinearError`` naming the layer.
 
     Args:
@@ -138,9 +138,9 @@ class CertificationCallback(EvaluationCallback):
             return
         x = split_batch(batch).x
         if torch.is_tensor(x) and x.is_floating_point() and len(x):
-            # Two inputs through the certificate: a non-piecewise-linear layer fails here, not after an epoch.
+            # One input through the certificate: a non-piecewise-linear layer fails here, not after an epoch.
             with torch.no_grad():
-                certify(net, x[:2].to(next(net.parameters(), x).device), None, self.method,
+                certify(net, x[:1].to(next(net.parameters(), x).device), None, self.method,
                         chunk_size=self.chunk_size)
 
     # ---- evaluation ----
