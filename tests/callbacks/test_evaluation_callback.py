@@ -24,7 +24,7 @@ from lightning_robust.callbacks import (
     SaliencyCertification,
     SampleGrid,
 )
-from lightning_robust.certify._trace import NotPiecewiseLinearError
+from lightning_robust.certify import NotPiecewiseLinearError
 from lightning_robust.datamodules import DigitsDataModule
 from lightning_robust.models import Classifier
 from lightning_robust.nets import MLP
