@@ -238,3 +238,14 @@ def test_old_max_batches_becomes_a_sample_count_and_both_names_at_once_is_an_err
     assert cb.num_samples == 64  # two batches of 32
     with pytest.raises(ValueError, match="give prefix= only"):
         RobustnessEvaluation({"pgd": _pgd()}, prefix="a", log_prefix="b")
+
+
+def test_a_foreign_callable_attack_is_accepted_and_checked(tmp_path):
+    """Any ``attack(model, x, y) -> x_adv`` works; only the [0, 1] box can be checked for it."""
+    identity = RobustnessEvaluation({"same": lambda model, x, y: x.clone()}, num_samples=32)
+    out = single_trainer(tmp_path, callbacks=[identity]).validate(_classifier(), datamodule=_dm(), verbose=False)[0]
+    assert out["robust/same_acc"] == out["robust/clean_acc"] and out["robust/same_violations"] == 0
+    outside = RobustnessEvaluation({"bright": lambda model, x, y: x + 2.0}, num_samples=32)
+    with pytest.warns(UserWarning, match="'bright' lie outside its budget or the value bounds"):
+        single_trainer(tmp_path, callbacks=[outside]).validate(_classifier(), datamodule=_dm(), verbose=False)
+    assert outside.results["bright_violations"] == 32
