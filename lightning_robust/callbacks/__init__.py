@@ -5,6 +5,7 @@ extension points."""
 
 from lightning_robust.callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_robust.callbacks.certification import CertificationCallback
+from lightning_robust.callbacks.evaluation_callback import EvaluationCallback
 from lightning_robust.callbacks.finite_loss_guard import FiniteLossGuard, NonFiniteLossError
 from lightning_robust.callbacks.gan_evaluation import GANEvaluation
 from lightning_robust.callbacks.likelihood_histogram import LikelihoodHistogram
@@ -19,6 +20,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "CertificationCallback",
     "DeepKNNPoisonFilter",
+    "EvaluationCallback",
     "FILTER_METHODS",
     "FiniteLossGuard",
     "GANEvaluation",

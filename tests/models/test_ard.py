@@ -196,7 +196,7 @@ def test_teacher_is_frozen_unregistered_and_its_accuracy_logged_once(tmp_path, t
     model.train()
     assert not teacher.training
     dm = DigitsDataModule(batch_size=64, seed=0)
-    evaluation = RobustnessEvaluation({"pgd20": PGD(eps=0.1, alpha=0.025, steps=20)}, max_batches=2)
+    evaluation = RobustnessEvaluation({"pgd20": PGD(eps=0.1, alpha=0.025, steps=20)}, num_samples=128)
     trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=None,
                        enable_checkpointing=True, logger=pl.loggers.CSVLogger(tmp_path), callbacks=[evaluation])
     trainer.fit(model, datamodule=dm)
