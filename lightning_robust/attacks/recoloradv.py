@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lightning_robust.attacks.color_spaces import COLOR_SPACES, cieluv_to_rgb, clip, color_space, rgb_to_cieluv
+from lightning_robust.attacks.color_spaces import COLOR_SPACES, cieluv_gamut_round_trip, clip, color_space
 from lightning_robust.attacks.functional import FunctionalAttack, Perturbation, neighbour_smoothness
 from lightning_robust.utils.validation import check_choice, check_non_negative, check_positive_int
 
@@ -93,17 +93,19 @@ def project_color_grid(offsets: torch.Tensor, color_space_name: str, bounds: tor
         bounds: per-channel bounds broadcastable to ``offsets`` (``[1, 3, 1, 1, 1]``).
     """
     nodes = grid_node_positions(offsets.shape[2:], offsets.device, offsets.dtype).unsqueeze(0)
-    points = (nodes + offsets).clamp(0.0, 1.0)
+    points = (nodes + offsets).clamp_(0.0, 1.0)
     # The conversions work on [B, 3, ...] tensors of any trailing shape, so the grid goes through as is.
     if color_space_name == "cieluv":
-        # Every step converts the whole grid (49k points per image at the paper's resolution) twice: in
-        # the grid's own precision this is ~4x faster than the float64 default, and the final clamp
-        # keeps the bound exact whatever the rounding of the round trip.
-        points = rgb_to_cieluv(cieluv_to_rgb(points, widen=False), widen=False)
+        # Every step sends the whole grid (16k points per image at the paper's resolution) through the
+        # round trip: the fused one in the grid's own precision is ~4x faster than the two conversions
+        # in float32 (~16x than float64) and agrees with them within float32 rounding; the final clamp
+        # keeps the bound exact whatever that rounding.
+        points = cieluv_gamut_round_trip(points)
     else:
         from_rgb, to_rgb = color_space(color_space_name)
         points = from_rgb(to_rgb(points))
-    return torch.minimum(torch.maximum(points - nodes, -bounds), bounds)
+    # One clamp with tensor bounds: the same as minimum(maximum(.)), in one pass over the grid.
+    return (points - nodes).clamp_(-bounds, bounds)
 
 
 def color_grid_smoothness(offsets: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
