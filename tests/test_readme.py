@@ -6,7 +6,7 @@ block that runs but shows a wrong result fails. Each line of
 a ``bash`` block that starts with ``lightning-robust`` is run in-process through ``LightningRobustCLI`` from the
 repository root with ``--trainer.fast_dev_run=true``, and ``python -m lightning_robust --version`` runs in a
 subprocess. ``console`` blocks are commands that need GPUs, downloaded data or earlier runs' checkpoints; the
-README says so and they are not run here (tests/test_all_configs.py covers every config instead).
+README says so and they are not run here (tests/test_configs_all.py covers every config instead).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 from lightning_robust.attacks.base import Attack, attack_loss, model_mode
 from lightning_robust.attacks.color_spaces import cieluv_to_rgb, rgb_to_cieluv, rgb_to_yuv, yuv_to_rgb
 from lightning_robust.attacks.compose import Compose
-from lightning_robust.attacks.functional import FunctionalAttack, Perturbation, optimize_perturbations
+from lightning_robust.attacks.functional_base import FunctionalAttack, Perturbation, optimize_perturbations
 from lightning_robust.attacks.pgd import FGSM, PGD
 from lightning_robust.attacks.poisons import (
     ConvexPolytope,

@@ -17,36 +17,19 @@ margin (:func:`attack_loss`), optionally capped at a confidence ``kappa``.
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_robust.attacks.threat import ThreatModel
+from lightning_robust.utils.modules import MODEL_MODES, model_mode
 from lightning_robust.utils.validation import check_choice, check_image_range
 
 __all__ = ["LOSSES", "MODEL_MODES", "Attack", "attack_loss", "model_mode"]
 
 LOSSES = ("ce", "cw")
-MODEL_MODES = ("eval", "train", "keep")
-
-
-@contextlib.contextmanager
-def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
-    """Put ``model`` in ``mode`` ("eval", "train" or "keep") and restore each submodule's flag on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        if mode == "eval":
-            model.eval()
-        elif mode == "train":
-            model.train()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce", targeted: bool = False,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from lightning_robust.attacks.base import Attack
-from lightning_robust.attacks.functional import FunctionalAttack, Perturbation
+from lightning_robust.attacks.functional_base import FunctionalAttack, Perturbation
 
 __all__ = ["Compose"]
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_robust.attacks.base import Attack
 from lightning_robust.attacks.color_spaces import clip
-from lightning_robust.attacks.functional import Perturbation
+from lightning_robust.attacks.functional_base import Perturbation
 from lightning_robust.attacks.threat import ThreatModel
 from lightning_robust.utils.validation import check_non_negative, check_positive, check_positive_int
 

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_robust.attacks.base import MODEL_MODES, model_mode
-from lightning_robust.utils.feature_extractor import FeatureExtractor, resolve_layer
+from lightning_robust.utils.feature_extractor import FeatureExtractor
+from lightning_robust.utils.modules import MODEL_MODES, model_mode, resolve_layer
 from lightning_robust.utils.validation import (
     check_choice,
     check_finite,

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_robust.attacks.color_spaces import COLOR_SPACES, cieluv_gamut_round_trip, clip, color_space
-from lightning_robust.attacks.functional import FunctionalAttack, Perturbation, neighbour_smoothness
+from lightning_robust.attacks.functional_base import FunctionalAttack, Perturbation, neighbour_smoothness
 from lightning_robust.utils.validation import check_choice, check_non_negative, check_positive_int
 
 __all__ = ["ReColorAdv", "apply_color_offsets", "color_grid_smoothness", "grid_node_positions",

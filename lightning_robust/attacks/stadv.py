@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_robust.attacks.color_spaces import clip
-from lightning_robust.attacks.functional import FunctionalAttack, Perturbation, neighbour_smoothness
+from lightning_robust.attacks.functional_base import FunctionalAttack, Perturbation, neighbour_smoothness
 from lightning_robust.utils.validation import check_non_negative
 
 __all__ = ["StAdv", "apply_flow", "flow_smoothness"]

@@ -33,7 +33,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from lightning_robust.attacks.base import LOSSES, MODEL_MODES, attack_loss, model_mode
+from lightning_robust.attacks.base import LOSSES, attack_loss
+from lightning_robust.utils.modules import MODEL_MODES, model_mode
 from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int
 
 __all__ = ["TextAttack", "TextAttackResult", "model_logits"]

@@ -15,7 +15,6 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_robust.attacks.base import model_mode
 from lightning_robust.datamodules.filtered import FilteredDataset
 from lightning_robust.defenses import (
     CLASS_BALANCES,
@@ -28,7 +27,8 @@ from lightning_robust.defenses import (
 )
 from lightning_robust.metrics.poison_detection import poison_detection_scores
 from lightning_robust.utils.batch import split_batch
-from lightning_robust.utils.feature_extractor import FeatureExtractor, resolve_layer
+from lightning_robust.utils.feature_extractor import FeatureExtractor
+from lightning_robust.utils.modules import model_mode, resolve_layer
 from lightning_robust.utils.validation import (
     check_choice,
     check_fraction,
@@ -139,8 +139,6 @@ class DeepKNNPoisonFilter(pl.Callback):
         check_positive_int("batch_size", batch_size)
         if chunk_size is not None:
             check_positive_int("chunk_size", chunk_size)
-        if not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.k, self.layer, self.filter_epoch = k, layer, filter_epoch
         self.feature_extractor = feature_extractor
         self.normalized_k, self.tie_break, self.class_balance = normalized_k, tie_break, class_balance

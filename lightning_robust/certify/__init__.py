@@ -6,7 +6,6 @@ sound per-sample L2 radii; ``lipschitz_bound`` is the global bound used outside 
 classical baseline. Pure PyTorch: no Lightning imports.
 """
 
-from lightning_robust.certify._trace import NotPiecewiseLinearError
 from lightning_robust.certify.affine import LocalAffineMap, hyperplane_distance, local_affine_map, region_radius
 from lightning_robust.certify.certificates import (
     CERTIFICATE_METHODS,
@@ -19,6 +18,7 @@ from lightning_robust.certify.certificates import (
     simplex_radius,
 )
 from lightning_robust.certify.lipschitz import LipschitzBound, lipschitz_bound, lipschitz_radius
+from lightning_robust.certify.traced import NotPiecewiseLinearError
 
 __all__ = [
     "CERTIFICATE_METHODS",

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_robust.certify._trace import NotPiecewiseLinearError, trace_model
+from lightning_robust.certify.traced import NotPiecewiseLinearError
+from lightning_robust.certify.tracing import trace_model
 from lightning_robust.utils.validation import check_finite, check_positive_int
 
 __all__ = ["LocalAffineMap", "NotPiecewiseLinearError", "local_affine_map"]

@@ -42,9 +42,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lightning_robust.certify._trace import eval_mode
 from lightning_robust.certify.affine import hyperplane_distance, local_affine_map, region_radius
 from lightning_robust.certify.lipschitz import LipschitzBound, lipschitz_bound, lipschitz_radius
+from lightning_robust.utils.modules import model_mode
 from lightning_robust.utils.validation import check_choice, check_finite, check_positive_int
 
 __all__ = [
@@ -331,7 +331,7 @@ def simplex_hinge_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radiu
 
 def _logit_jacobian(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[B, K]`` and their Jacobian ``[B, K, D]`` by reverse mode (K backward passes), detached."""
-    with torch.enable_grad(), eval_mode(model):
+    with torch.enable_grad(), model_mode(model, "eval"):
         xr = x.detach().requires_grad_(True)
         out = model(xr)
         rows = [torch.autograd.grad(out[:, k].sum(), xr, retain_graph=k + 1 < out.shape[1])[0].flatten(1)
@@ -423,7 +423,7 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, me
         with _applicable(x):
             lipschitz = lipschitz_bound(model, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     lmat = lipschitz.margin if isinstance(lipschitz, LipschitzBound) else lipschitz
-    with eval_mode(model):
+    with model_mode(model, "eval"):
         logits = model(x)
     r = _rounding_guard(lipschitz_radius(logits, _labels(logits, y), lmat))
     return r if signed else r.clamp_min(0)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_robust.certify._trace import trace_model
+from lightning_robust.certify.tracing import trace_model
 from lightning_robust.utils.validation import check_finite
 
 __all__ = ["LipschitzBound", "lipschitz_bound", "lipschitz_radius"]

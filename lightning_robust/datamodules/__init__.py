@@ -1,6 +1,6 @@
 """One LightningDataModule per data set, all on :class:`RobustDataModule`."""
 
-from lightning_robust.datamodules.base import IndexedDataset, RobustDataModule
+from lightning_robust.datamodules.base import IndexedDataset, LoaderOptions, RobustDataModule
 from lightning_robust.datamodules.celeba import CelebADataModule
 from lightning_robust.datamodules.cifar10 import CIFAR10DataModule
 from lightning_robust.datamodules.colored_digits import ColoredDigitsDataModule, colorize_digits
@@ -40,6 +40,7 @@ __all__ = [
     "IMDBDataModule",
     "ImageFileDataset",
     "IndexedDataset",
+    "LoaderOptions",
     "MNISTDataModule",
     "MNISTMDataModule",
     "PadCollate",

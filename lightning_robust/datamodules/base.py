@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar, TypedDict, Unpack
 
 import pytorch_lightning as pl
 import torch
@@ -12,7 +12,40 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from lightning_robust.utils.checkpoint import WeightsOnlyLoadFromCheckpoint
 from lightning_robust.utils.validation import check_fraction, check_non_negative, check_positive_int, check_seed
 
-__all__ = ["EpochShuffleSampler", "IndexedDataset", "OwnGeneratorLoader", "RobustDataModule"]
+__all__ = ["LOADER_DEFAULTS", "EpochShuffleSampler", "IndexedDataset", "LoaderOptions", "OwnGeneratorLoader",
+           "RobustDataModule"]
+
+
+class LoaderOptions(TypedDict, total=False):
+    """The loader and split settings every :class:`RobustDataModule` takes as keyword arguments.
+
+    Args:
+        batch_size: training batch size (per process).
+        eval_batch_size: batch size for val/test/predict (defaults to ``batch_size``).
+        num_workers: DataLoader worker processes.
+        persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
+        pin_memory: pin host memory (useful on GPU).
+        val_fraction: fraction of the training set held out for validation, in [0, 1).
+        seed: seed of the train/val split and of the training-data order.
+        with_index: yield ``(x, y, index)`` batches from the train and val loaders.
+        drop_last: drop the last incomplete training batch.
+    """
+
+    batch_size: int
+    eval_batch_size: int | None
+    num_workers: int
+    persistent_workers: bool
+    pin_memory: bool
+    val_fraction: float
+    seed: int
+    with_index: bool
+    drop_last: bool
+
+
+#: Defaults of :class:`LoaderOptions` (a subclass changes some with ``loader_defaults``).
+LOADER_DEFAULTS: LoaderOptions = {"batch_size": 128, "eval_batch_size": None, "num_workers": 0,
+                                  "persistent_workers": True, "pin_memory": False, "val_fraction": 0.1, "seed": 0,
+                                  "with_index": False, "drop_last": False}
 
 
 class OwnGeneratorLoader(DataLoader):
@@ -105,6 +138,10 @@ class RobustDataModule(WeightsOnlyLoadFromCheckpoint, pl.LightningDataModule):  
       resuming from a checkpoint replays exactly the batches an uninterrupted run would see);
     * leaves distributed sharding to Lightning (``use_distributed_sampler``).
 
+    The nine loader settings below are keyword-only and typed once, in :class:`LoaderOptions`; subclasses
+    take them as ``**loader: Unpack[LoaderOptions]`` (LightningCLI and mypy see each one by name) and change
+    a default through :attr:`loader_defaults`.
+
     Args:
         batch_size: training batch size (per process).
         eval_batch_size: batch size for val/test/predict (defaults to ``batch_size``).
@@ -120,18 +157,18 @@ class RobustDataModule(WeightsOnlyLoadFromCheckpoint, pl.LightningDataModule):  
         ValueError: on a non-positive batch size, negative workers, or a fraction outside [0, 1).
     """
 
-    def __init__(
-        self,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        persistent_workers: bool = True,
-        pin_memory: bool = False,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        with_index: bool = False,
-        drop_last: bool = False,
-    ) -> None:
+    #: Per-class defaults of the loader settings that differ from :data:`LOADER_DEFAULTS` (e.g. a smaller
+    #: ``batch_size`` for text); a subclass overrides this instead of repeating the nine arguments.
+    loader_defaults: ClassVar[LoaderOptions] = {}
+
+    def __init__(self, **loader: Unpack[LoaderOptions]) -> None:
+        unknown = sorted(set(loader) - set(LOADER_DEFAULTS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}; the loader "
+                            f"settings are {sorted(LOADER_DEFAULTS)}")
+        opts: dict[str, Any] = {**LOADER_DEFAULTS, **type(self).loader_defaults, **loader}
+        batch_size, eval_batch_size = opts["batch_size"], opts["eval_batch_size"]
+        num_workers, seed = opts["num_workers"], opts["seed"]
         check_seed("seed", seed)
         super().__init__()
         check_positive_int("batch_size", batch_size)
@@ -140,22 +177,28 @@ class RobustDataModule(WeightsOnlyLoadFromCheckpoint, pl.LightningDataModule):  
         check_non_negative("num_workers", num_workers)
         if not isinstance(num_workers, int):
             raise ValueError(f"num_workers must be an integer, got {num_workers!r}")
-        check_fraction("val_fraction", val_fraction)
-        if not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.persistent_workers = persistent_workers and num_workers > 0
-        self.pin_memory = pin_memory
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.with_index = with_index
-        self.drop_last = drop_last
+        check_fraction("val_fraction", opts["val_fraction"])
+        self.batch_size: int = batch_size
+        self.eval_batch_size: int = eval_batch_size or batch_size
+        self.num_workers: int = num_workers
+        self.persistent_workers: bool = bool(opts["persistent_workers"]) and num_workers > 0
+        self.pin_memory: bool = opts["pin_memory"]
+        self.val_fraction: float = opts["val_fraction"]
+        self.seed: int = seed
+        self.with_index: bool = opts["with_index"]
+        self.drop_last: bool = opts["drop_last"]
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
         self._excluded: set[int] = set()
+
+    @property
+    def loader_options(self) -> LoaderOptions:
+        """The loader settings in effect, e.g. to build a wrapping DataModule with the same loaders."""
+        return {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+                "num_workers": self.num_workers, "persistent_workers": self.persistent_workers,
+                "pin_memory": self.pin_memory, "val_fraction": self.val_fraction, "seed": self.seed,
+                "with_index": self.with_index, "drop_last": self.drop_last}
 
     # ---- to implement -------------------------------------------------------------------------------
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:

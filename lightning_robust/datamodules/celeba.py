@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import torch
 from torchvision import transforms
 
+from lightning_robust.datamodules.base import LoaderOptions
 from lightning_robust.datamodules.formats import read_celeba_attributes, read_celeba_column
 from lightning_robust.datamodules.image_datasets import ImageFileDataset
 from lightning_robust.datamodules.integrity import DataIntegrityError, DatasetNotFoundError
@@ -111,23 +112,15 @@ class CelebADataModule(VisionDataModule):
         class_proportions: Sequence[float] | None = None,
         test_proportions: bool = True,
         proportions_seed: int = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        persistent_workers: bool = True,
-        pin_memory: bool = False,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        with_index: bool = False,
-        drop_last: bool = False,
+        **loader: Unpack[LoaderOptions],
     ) -> None:
         if target not in ("attr", "identity", "none", *CELEBA_ATTRIBUTES):
             raise ValueError(f"target must be 'attr', 'identity', 'none' or one of CelebA's 40 attributes "
                              f"({', '.join(CELEBA_ATTRIBUTES)}), got {target!r}")
         self.target = target
-        super().__init__(root, download, verify, checksums, image_size, channels, augment, classes,
-                         class_proportions, test_proportions, proportions_seed, batch_size, eval_batch_size,
-                         num_workers, persistent_workers, pin_memory, val_fraction, seed, with_index, drop_last)
+        super().__init__(root=root, download=download, verify=verify, checksums=checksums, image_size=image_size,
+                         channels=channels, augment=augment, classes=classes, class_proportions=class_proportions,
+                         test_proportions=test_proportions, proportions_seed=proportions_seed, **loader)
         if crop_size is not None:
             check_positive_int("crop_size", crop_size)
         self.crop_size, self.official_val = crop_size, bool(official_val)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Unpack
 
 import numpy as np
 import torch
 
+from lightning_robust.datamodules.base import LoaderOptions
 from lightning_robust.datamodules.formats import load_cifar_batch, load_cifar_meta
 from lightning_robust.datamodules.image_datasets import TensorImageDataset, resize_uint8, rgb_to_grey_uint8
 from lightning_robust.datamodules.vision import LoadedDataset, VisionDataModule, manifest_dirs
@@ -87,19 +89,11 @@ class CIFAR10DataModule(VisionDataModule):
         class_proportions: Sequence[float] | None = None,
         test_proportions: bool = True,
         proportions_seed: int = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        persistent_workers: bool = True,
-        pin_memory: bool = False,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        with_index: bool = False,
-        drop_last: bool = False,
+        **loader: Unpack[LoaderOptions],
     ) -> None:
-        super().__init__(root, download, verify, checksums, image_size, channels, augment, classes,
-                         class_proportions, test_proportions, proportions_seed, batch_size, eval_batch_size,
-                         num_workers, persistent_workers, pin_memory, val_fraction, seed, with_index, drop_last)
+        super().__init__(root=root, download=download, verify=verify, checksums=checksums, image_size=image_size,
+                         channels=channels, augment=augment, classes=classes, class_proportions=class_proportions,
+                         test_proportions=test_proportions, proportions_seed=proportions_seed, **loader)
         self.save_hyperparameters()
 
     def native_class_names(self) -> list[str]:

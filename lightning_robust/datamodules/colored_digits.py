@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar, Unpack
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from lightning_robust.datamodules.base import RobustDataModule
+from lightning_robust.datamodules.base import LoaderOptions, RobustDataModule
 from lightning_robust.datamodules.digits import load_digits_tensors
 from lightning_robust.datamodules.image_datasets import proportional_subsample
 from lightning_robust.utils.validation import check_choice, check_fraction, check_probability_vector, check_seed
@@ -80,6 +81,8 @@ class ColoredDigitsDataModule(RobustDataModule):
         ...                                  class_proportions=[0.0625, 0.3125, 0.625])
     """
 
+    loader_defaults: ClassVar[LoaderOptions] = {"batch_size": 64}
+
     def __init__(
         self,
         colored: bool = True,
@@ -93,20 +96,11 @@ class ColoredDigitsDataModule(RobustDataModule):
         color_seed: int = 0,
         proportions_seed: int = 0,
         mnist_root: str | None = None,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        persistent_workers: bool = True,
-        pin_memory: bool = False,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        with_index: bool = False,
-        drop_last: bool = False,
+        **loader: Unpack[LoaderOptions],
     ) -> None:
         check_seed("color_seed", color_seed)
         check_seed("proportions_seed", proportions_seed)
-        super().__init__(batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory,
-                         val_fraction, seed, with_index, drop_last)
+        super().__init__(**loader)
         check_choice("image_size", image_size, (8, 16, 28, 32))
         check_choice("channels", channels, (1, 3))
         if colored and channels != 3:

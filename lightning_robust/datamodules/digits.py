@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Unpack
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from lightning_robust.datamodules.base import RobustDataModule
+from lightning_robust.datamodules.base import LoaderOptions, RobustDataModule
 from lightning_robust.utils.validation import check_choice, check_fraction
 
 __all__ = ["DigitsDataModule", "load_digits_tensors"]
@@ -62,18 +63,9 @@ class DigitsDataModule(RobustDataModule):
         channels: int = 1,
         test_fraction: float = 0.2,
         classes: Sequence[int] | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        persistent_workers: bool = True,
-        pin_memory: bool = False,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        with_index: bool = False,
-        drop_last: bool = False,
+        **loader: Unpack[LoaderOptions],
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory,
-                         val_fraction, seed, with_index, drop_last)
+        super().__init__(**loader)
         check_choice("image_size", image_size, (8, 16, 28, 32))
         check_choice("channels", channels, (1, 3))
         check_fraction("test_fraction", test_fraction)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar, Unpack
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from lightning_robust.datamodules.base import RobustDataModule
+from lightning_robust.datamodules.base import LoaderOptions, RobustDataModule
 from lightning_robust.utils.validation import check_positive, check_positive_int, check_probability_vector, check_seed
 
 __all__ = ["GaussianMixtureDataModule", "grid_mixture"]
@@ -46,6 +47,8 @@ class GaussianMixtureDataModule(RobustDataModule):
         >>> dm = GaussianMixtureDataModule(proportions=[0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05])
     """
 
+    loader_defaults: ClassVar[LoaderOptions] = {"batch_size": 256}
+
     def __init__(
         self,
         grid_size: int = 3,
@@ -55,19 +58,10 @@ class GaussianMixtureDataModule(RobustDataModule):
         n_train: int = 10000,
         n_test: int = 2000,
         data_seed: int = 1234,
-        batch_size: int = 256,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        persistent_workers: bool = True,
-        pin_memory: bool = False,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        with_index: bool = False,
-        drop_last: bool = False,
+        **loader: Unpack[LoaderOptions],
     ) -> None:
         check_seed("data_seed", data_seed)
-        super().__init__(batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory,
-                         val_fraction, seed, with_index, drop_last)
+        super().__init__(**loader)
         self.centers = grid_mixture(grid_size, spacing)
         k = self.centers.shape[0]
         if proportions is None:

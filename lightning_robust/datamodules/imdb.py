@@ -28,12 +28,12 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Unpack
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_robust.datamodules.base import EpochShuffleSampler, OwnGeneratorLoader, RobustDataModule
+from lightning_robust.datamodules.base import EpochShuffleSampler, LoaderOptions, OwnGeneratorLoader, RobustDataModule
 from lightning_robust.datamodules.integrity import ChecksumTable, DataIntegrityError, verify_checksums
 from lightning_robust.utils.text import GLOVE_PACKAGE, HFTokenizer, TextTokenizer, WordVocabulary
 from lightning_robust.utils.validation import check_positive_int
@@ -359,6 +359,8 @@ class IMDBDataModule(RobustDataModule):
         >>> batch["input_ids"].shape, batch["labels"][:4]
     """
 
+    loader_defaults: ClassVar[LoaderOptions] = {"batch_size": 32}
+
     def __init__(
         self,
         data_dir: str = "data/IMDB",
@@ -372,19 +374,9 @@ class IMDBDataModule(RobustDataModule):
         max_length: int = 256,
         limit_train: int | None = None,
         limit_test: int | None = None,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        persistent_workers: bool = True,
-        pin_memory: bool = False,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        with_index: bool = False,
-        drop_last: bool = False,
+        **loader: Unpack[LoaderOptions],
     ) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-                         persistent_workers=persistent_workers, pin_memory=pin_memory, val_fraction=val_fraction,
-                         seed=seed, with_index=with_index, drop_last=drop_last)
+        super().__init__(**loader)
         check_positive_int("vocab_size", vocab_size, minimum=3)
         check_positive_int("max_length", max_length, minimum=2)
         for name, value in (("limit_train", limit_train), ("limit_test", limit_test)):

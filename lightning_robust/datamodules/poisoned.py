@@ -127,9 +127,9 @@ class PoisonedDataModule(RobustDataModule):
         check_seed("seed", seed)
         if not isinstance(datamodule, RobustDataModule):
             raise TypeError(f"datamodule must be a RobustDataModule, got {type(datamodule).__name__}")
-        super().__init__(datamodule.batch_size, datamodule.eval_batch_size, datamodule.num_workers,
-                         datamodule.persistent_workers, datamodule.pin_memory, datamodule.val_fraction,
-                         datamodule.seed, True, datamodule.drop_last)
+        loader = datamodule.loader_options
+        loader["with_index"] = True  # the filter and the detection metric need the sample positions
+        super().__init__(**loader)
         for name, value in (("target_class", target_class), ("base_class", base_class),
                             ("target_index", target_index), ("seed", seed)):
             if not isinstance(value, int) or isinstance(value, bool):

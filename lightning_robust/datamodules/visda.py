@@ -6,11 +6,12 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Unpack
 
 import torch
 from torchvision import transforms
 
+from lightning_robust.datamodules.base import LoaderOptions
 from lightning_robust.datamodules.formats import read_image_list
 from lightning_robust.datamodules.image_datasets import ImageFileDataset
 from lightning_robust.datamodules.integrity import DataIntegrityError
@@ -80,6 +81,8 @@ class VisDADataModule(VisionDataModule):
     CLASS_NAMES = ("aeroplane", "bicycle", "bus", "car", "horse", "knife", "motorcycle", "person", "plant",
                    "skateboard", "train", "truck")
 
+    loader_defaults: ClassVar[LoaderOptions] = {"batch_size": 64}
+
     def __init__(
         self,
         root: str = "data/visda",
@@ -96,19 +99,11 @@ class VisDADataModule(VisionDataModule):
         class_proportions: Sequence[float] | None = None,
         test_proportions: bool = True,
         proportions_seed: int = 0,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        persistent_workers: bool = True,
-        pin_memory: bool = False,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        with_index: bool = False,
-        drop_last: bool = False,
+        **loader: Unpack[LoaderOptions],
     ) -> None:
-        super().__init__(root, download, verify, checksums, image_size, channels, augment, classes,
-                         class_proportions, test_proportions, proportions_seed, batch_size, eval_batch_size,
-                         num_workers, persistent_workers, pin_memory, val_fraction, seed, with_index, drop_last)
+        super().__init__(root=root, download=download, verify=verify, checksums=checksums, image_size=image_size,
+                         channels=channels, augment=augment, classes=classes, class_proportions=class_proportions,
+                         test_proportions=test_proportions, proportions_seed=proportions_seed, **loader)
         check_choice("domain", domain, DOMAINS)
         if test_domain is not None:
             check_choice("test_domain", test_domain, DOMAINS)

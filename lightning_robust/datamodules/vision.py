@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Unpack
 
 from torch.utils.data import Dataset, Subset
 
-from lightning_robust.datamodules.base import RobustDataModule
+from lightning_robust.datamodules.base import LoaderOptions, RobustDataModule
 from lightning_robust.datamodules.image_datasets import (
     ImageFileDataset,
     TensorImageDataset,
@@ -61,6 +61,7 @@ class VisionDataModule(RobustDataModule):
 
     def __init__(
         self,
+        *,
         root: str,
         download: bool,
         verify: bool,
@@ -72,27 +73,16 @@ class VisionDataModule(RobustDataModule):
         class_proportions: Sequence[float] | None,
         test_proportions: bool,
         proportions_seed: int,
-        batch_size: int,
-        eval_batch_size: int | None,
-        num_workers: int,
-        persistent_workers: bool,
-        pin_memory: bool,
-        val_fraction: float,
-        seed: int,
-        with_index: bool,
-        drop_last: bool,
+        **loader: Unpack[LoaderOptions],
     ) -> None:
         check_seed("proportions_seed", proportions_seed)
-        super().__init__(batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory,
-                         val_fraction, seed, with_index, drop_last)
+        super().__init__(**loader)
         if not isinstance(root, (str, Path)) or not str(root):
             raise ValueError(f"root must be a folder path, got {root!r}")
         if download and not self.download_supported:
             raise ValueError(f"download=True is not available for {self.dataset_name}: {self.source}")
         check_positive_int("image_size", image_size, minimum=4)
         check_choice("channels", channels, (1, 3))
-        if not isinstance(proportions_seed, int):
-            raise ValueError(f"proportions_seed must be an integer, got {proportions_seed!r}")
         self.root = Path(root).expanduser()
         self.download = bool(download)
         self.verify = bool(verify)

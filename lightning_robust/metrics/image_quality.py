@@ -28,7 +28,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from lightning_robust.utils.feature_extractor import FeatureExtractor, resolve_layer
+from lightning_robust.utils.feature_extractor import FeatureExtractor
+from lightning_robust.utils.modules import resolve_layer
 from lightning_robust.utils.validation import check_finite, check_positive_int
 
 __all__ = ["ClassifierFeatures", "PrecomputedFeatures", "image_quality"]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_robust.attacks.text import TextAttack
+from lightning_robust.utils.modules import model_mode
 from lightning_robust.utils.text import TextTokenizer, WordVocabulary, basic_tokenize
 from lightning_robust.utils.validation import check_positive_int
 
@@ -76,9 +77,7 @@ def per_word_perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], 
     limit = max_length or _max_positions(model) or 1024
     bos = getattr(tokenizer, "bos_token_id", None)
     out = torch.full((len(texts),), float("nan"), dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    try:
+    with model_mode(model, "eval"):
         for lo in range(0, len(texts), batch_size):
             rows, words = [], []
             for text in texts[lo: lo + batch_size]:
@@ -102,8 +101,6 @@ def per_word_perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], 
             nll = (nll * mask[:, 1:]).sum(1).double().cpu()
             for i, (n, w) in enumerate(zip(nll.tolist(), words)):
                 out[lo + i] = math.exp(n / w) if w > 0 else float("nan")
-    finally:
-        model.train(was_training)
     return out
 
 

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_robust.attacks import Attack, model_mode
+from lightning_robust.attacks import Attack
+from lightning_robust.utils.modules import model_mode
 from lightning_robust.utils.validation import check_finite
 
 __all__ = ["RobustAccuracy"]

@@ -47,10 +47,11 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_robust.attacks import PGD, Attack, model_mode
+from lightning_robust.attacks import PGD, Attack
 from lightning_robust.models.classifier import Classifier, _num_classes_of
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.checkpoint import load_module
+from lightning_robust.utils.modules import model_mode
 from lightning_robust.utils.validation import check_choice, check_fraction, check_positive, check_seed
 
 __all__ = ["ARD_MODES", "ARDStudent", "KL_REDUCTIONS", "ard_loss", "distillation_kl", "paper_attack",

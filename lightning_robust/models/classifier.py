@@ -13,8 +13,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_robust.attacks import Attack
+from lightning_robust.attacks import adversarial_training as adv
 from lightning_robust.certify import certify, simplex_hinge_loss
-from lightning_robust.models import adversarial_training as adv
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.checkpoint import WeightsOnlyLoadFromCheckpoint
 from lightning_robust.utils.validation import (
@@ -214,7 +214,7 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
             },
         }
 
-    # ---- adversarial training (maths in models/adversarial_training.py) -----------------------------
+    # ---- adversarial training (maths in attacks/adversarial_training.py) -----------------------------
     def _init_adversarial(self, attack: Attack | None, mode: str, free_replays: int, fast_alpha: float | None,
                           tripwire_batches: int, tripwire_attack: Attack | None,
                           tripwire_max_drop: float | None) -> None:

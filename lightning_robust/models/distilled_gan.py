@@ -25,6 +25,7 @@ from torch import nn
 
 from lightning_robust.models.gan import GAN, default_gan_optimizer
 from lightning_robust.utils.checkpoint import CheckpointError, extract_state_dict, load_module, safe_load
+from lightning_robust.utils.modules import model_mode
 from lightning_robust.utils.params import count_parameters
 from lightning_robust.utils.validation import check_choice, check_fraction
 
@@ -166,12 +167,8 @@ class DistilledGAN(GAN):
     @torch.no_grad()
     def _check_shapes(self) -> None:
         z = torch.randn(2, self.latent_dim, *self.latent_shape, generator=torch.Generator().manual_seed(0))
-        was_training = self.generator.training
-        self.generator.eval()
-        try:
+        with model_mode(self.generator, "eval"):
             s, t = self.generator(z), self.teacher(z)
-        finally:
-            self.generator.train(was_training)
         if s.shape != t.shape:
             raise ValueError(f"teacher and student outputs differ in shape on the same latents: teacher "
                              f"{tuple(t.shape)}, student {tuple(s.shape)}")

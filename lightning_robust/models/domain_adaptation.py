@@ -175,8 +175,6 @@ class NWDomainAdaptation(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # 
             if num_classes is None:
                 raise ValueError("num_classes must be given (the classifier has no nn.Linear output layer)")
         check_positive_int("num_classes", num_classes)
-        if not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.save_hyperparameters(ignore=["feature_extractor", "classifier", "critic", "optimizer",
                                           "critic_optimizer", "proportions_optimizer"])
         self.automatic_optimization = False

@@ -31,6 +31,7 @@ from torch import nn
 
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.checkpoint import WeightsOnlyLoadFromCheckpoint
+from lightning_robust.utils.modules import model_mode
 from lightning_robust.utils.rng import keyed_generator
 from lightning_robust.utils.validation import (
     check_choice,
@@ -186,8 +187,6 @@ class GAN(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ignore[mi
         if ema_decay is not None:
             check_fraction("ema_decay", ema_decay)
         check_positive_int("n_fixed_latents", n_fixed_latents)
-        if not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
         self._save_primitive_hyperparameters(inspect.currentframe())
         self.automatic_optimization = False
         self.generator = generator
@@ -254,12 +253,8 @@ class GAN(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ignore[mi
             else:
                 z = self.sample_latents(n)
         net = self.generator_ema if (use_ema and self.generator_ema is not None) else self.generator
-        was_training = net.training
-        net.eval()
-        try:
-            return net(z.to(self.device))
-        finally:
-            net.train(was_training)
+        with model_mode(net, "eval"):
+            return net(z.to(self.device))  # type: ignore[no-any-return]
 
     def _critic(self) -> nn.Module:
         """The discriminator, or a clear error when this GAN was built without one."""

@@ -27,6 +27,7 @@ from lightning_robust.ot.normalized_wasserstein import (
     normalized_wasserstein,
     sample_mixture,
 )
+from lightning_robust.utils.modules import model_mode
 from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int, check_seed
 
 __all__ = ["NWGAN", "allocate_components"]
@@ -219,12 +220,8 @@ class NWGAN(GAN):
             rows = (comp == k).nonzero().flatten().to(self.device)
             if rows.numel() == 0:
                 continue
-            was_training = net.training
-            net.eval()
-            try:
+            with model_mode(net, "eval"):
                 part = net(z[rows])
-            finally:
-                net.train(was_training)
             if out is None:
                 out = part.new_empty((z.shape[0], *part.shape[1:]))
             out[rows] = part
@@ -238,12 +235,8 @@ class NWGAN(GAN):
         nets = self._nets(use_ema)
         outs = []
         for net in nets:
-            was_training = net.training
-            net.eval()
-            try:
+            with model_mode(net, "eval"):
                 outs.append(net(z))
-            finally:
-                net.train(was_training)
         return torch.stack(outs)
 
     def cluster(self, x: torch.Tensor, method: str = "projection", **kwargs: Any) -> torch.Tensor:

@@ -16,7 +16,11 @@ from lightning_robust.nets.small_cnn import SmallCNN
 from lightning_robust.nets.text import TransformerClassifier, WordVectorClassifier
 from lightning_robust.nets.wide_resnet import WideResNet
 
+# Each net is registered here once, under its snake_case name (a second registration of the same name
+# with another factory is an error in register_net).
 for _name, _factory in {
+    "dcgan_discriminator": DCGANDiscriminator,
+    "dcgan_generator": DCGANGenerator,
     "mlp": MLP,
     "mlp_generator": MLPGenerator,
     "mnist_critic_trunk": MNISTCriticTrunk,
@@ -28,28 +32,6 @@ for _name, _factory in {
     "transformer_classifier": TransformerClassifier,
     "wide_resnet": WideResNet,
     "word_vector_classifier": WordVectorClassifier,
-}.items():
-    register_net(_name, _factory)
-
-for _name, _factory in {
-    "mlp": MLP,
-    "mobilenet_v2": MobileNetV2,
-    "resnet18": ResNet18,
-    "resnet32": ResNet32,
-    "small_cnn": SmallCNN,
-    "wide_resnet": WideResNet,
-}.items():
-    register_net(_name, _factory)
-
-for _name, _factory in {
-    "dcgan_discriminator": DCGANDiscriminator,
-    "dcgan_generator": DCGANGenerator,
-    "mlp": MLP,
-    "mobilenet_v2": MobileNetV2,
-    "resnet18": ResNet18,
-    "resnet32": ResNet32,
-    "small_cnn": SmallCNN,
-    "wide_resnet": WideResNet,
 }.items():
     register_net(_name, _factory)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lightning_robust.utils.checkpoint import load_module
-from lightning_robust.utils.feature_extractor import resolve_layer
+from lightning_robust.utils.modules import resolve_layer
 
 __all__ = ["LinearProbe"]
 

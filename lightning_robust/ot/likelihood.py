@@ -32,8 +32,7 @@ It ranks samples but is not a bound on ``log f_Y``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +41,7 @@ from torch import nn
 
 from lightning_robust.ot.costs import COSTS, CostFn, cost_log_normalizer, resolve_cost
 from lightning_robust.ot.sinkhorn import sinkhorn
+from lightning_robust.utils.modules import model_mode
 from lightning_robust.utils.validation import check_choice, check_finite, check_positive, check_positive_int
 
 __all__ = ["LikelihoodResult", "SoftCTransform", "entropic_log_likelihood", "fit_fake_potential"]
@@ -107,20 +107,6 @@ def _fake_potential(critics: Any) -> Potential | None:
         return critics  # type: ignore[no-any-return]
     raise ValueError("critics must be None, a DualCritic (with fake_potential), a pair (D1, D2) or a callable D2, "
                      f"got {type(critics).__name__}")
-
-
-@contextmanager
-def _eval_mode(*modules: Any) -> Iterator[None]:
-    mods = [m for m in modules if isinstance(m, nn.Module)]
-    flags = [[sub.training for sub in m.modules()] for m in mods]
-    try:
-        for m in mods:
-            m.eval()
-        yield
-    finally:
-        for m, fl in zip(mods, flags):
-            for sub, f in zip(m.modules(), fl):
-                sub.training = f
 
 
 def _latent_shape(generator: Any, latent_dim: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -227,8 +213,9 @@ def entropic_log_likelihood(
     s0 = torch.zeros(B, dtype=f64, device=device)
     s_d2, s_cost, s_sq = s0.clone(), s0.clone(), s0.clone()
     y_dev = y.to(device)
-    with _eval_mode(generator, critics if isinstance(critics, nn.Module) else None,
-                    *(critics if isinstance(critics, (tuple, list)) else ())):
+    # critics may be plain callables (a potential function): only modules have a mode to set
+    parts = [generator, critics, *(critics if isinstance(critics, (tuple, list)) else ())]
+    with model_mode([m for m in parts if isinstance(m, nn.Module)], "eval"):
         for start in range(0, n, chunk_size):
             z = latents[start:start + chunk_size].to(device)
             y_hat = generator(z)
@@ -288,7 +275,7 @@ def fit_fake_potential(
     shape = _latent_shape(generator, latent_dim)
     z = torch.randn(n_latents, *shape, generator=torch.Generator().manual_seed(seed),
                     dtype=_dtype_of(generator, data.dtype)).to(device)
-    with _eval_mode(generator):
+    with model_mode([generator] if isinstance(generator, nn.Module) else [], "eval"):
         y_hat = generator(z)
     y = data.to(device=device, dtype=y_hat.dtype)
     res = sinkhorn(resolve_cost(cost)(y, y_hat), None, None, reg, max_iter=max_iter, tol=tol)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lightning_robust.utils.modules import model_mode
 from lightning_robust.utils.validation import (
     check_choice,
     check_finite,
@@ -161,19 +162,13 @@ def assign_to_generators(
     check_positive("lr", lr)
     check_positive_int("restarts", restarts)
     check_positive_int("n_samples", n_samples)
-    modes = [g.training for g in generators]
-    for g in generators:
-        g.eval()
-    try:
+    with model_mode(generators, "eval"):
         if method == "nearest":
             dist = _nearest_sample_distances(x, generators, latent_dim, n_samples, generator)
         else:
             with torch.enable_grad():
                 dist = _projection_distances(x, generators, latent_dim, tuple(latent_shape), steps, lr, restarts,
                                              generator)
-    finally:
-        for g, mode in zip(generators, modes):
-            g.train(mode)
     return dist.argmin(dim=1), dist
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_robust.utils.modules import model_mode
 from lightning_robust.utils.validation import (
     check_finite,
     check_non_negative,
@@ -371,42 +372,40 @@ def estimate_normalized_wasserstein(
     history: list[float] = []
     pi_sum = torch.zeros(k, device=device)
     pi_count = 0
-    was_training = critic.training
-    critic.train()
-    for step in range(steps):
-        x = draw(target, batch_size)
-        comp = torch.stack([draw(c, batch_size) for c in components])
-        pi = pi_mod()
-        s_x, s_c = scores(x), scores(comp.flatten(0, 1)).view(k, batch_size)
-        nw = normalized_wasserstein(s_x, s_c, pi.detach())
-        loss = -nw
-        if gp_weight > 0:
-            mix, _ = sample_mixture(comp, pi, batch_size, g)
-            eps = torch.rand(batch_size, *([1] * len(shape)), generator=g, device=device)
-            x_hat = (eps * x + (1 - eps) * mix).requires_grad_(True)
-            (grad,) = torch.autograd.grad(scores(x_hat).sum(), x_hat, create_graph=True)
-            loss = loss + gp_weight * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
-        opt_d.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_d.step()
-        if opt_pi is not None and step % n_critic == n_critic - 1:
-            # π minimises the dual for the current critic (its gradient needs only the scores).
-            pi_loss = normalized_wasserstein(s_x.detach(), s_c.detach(), pi_mod())
-            opt_pi.zero_grad(set_to_none=True)
-            pi_loss.backward()
-            opt_pi.step()
-        if step >= steps // 2:
-            pi_sum += pi_mod.proportions
-            pi_count += 1
-        if step % 100 == 0 or step == steps - 1:
-            history.append(float(nw.detach()))
-    pi_final = pi_sum / pi_count if learn_proportions else pi_mod.proportions
-    with torch.no_grad():
-        n_eval = min(eval_samples, target.shape[0])
-        ev_x = scores(target[:n_eval])
-        ev_c = [scores(c[:eval_samples]) for c in components]
-        value = float(normalized_wasserstein(ev_x, ev_c, pi_final))
-    critic.train(was_training)
+    with model_mode(critic, "train"):
+        for step in range(steps):
+            x = draw(target, batch_size)
+            comp = torch.stack([draw(c, batch_size) for c in components])
+            pi = pi_mod()
+            s_x, s_c = scores(x), scores(comp.flatten(0, 1)).view(k, batch_size)
+            nw = normalized_wasserstein(s_x, s_c, pi.detach())
+            loss = -nw
+            if gp_weight > 0:
+                mix, _ = sample_mixture(comp, pi, batch_size, g)
+                eps = torch.rand(batch_size, *([1] * len(shape)), generator=g, device=device)
+                x_hat = (eps * x + (1 - eps) * mix).requires_grad_(True)
+                (grad,) = torch.autograd.grad(scores(x_hat).sum(), x_hat, create_graph=True)
+                loss = loss + gp_weight * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+            opt_d.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_d.step()
+            if opt_pi is not None and step % n_critic == n_critic - 1:
+                # π minimises the dual for the current critic (its gradient needs only the scores).
+                pi_loss = normalized_wasserstein(s_x.detach(), s_c.detach(), pi_mod())
+                opt_pi.zero_grad(set_to_none=True)
+                pi_loss.backward()
+                opt_pi.step()
+            if step >= steps // 2:
+                pi_sum += pi_mod.proportions
+                pi_count += 1
+            if step % 100 == 0 or step == steps - 1:
+                history.append(float(nw.detach()))
+        pi_final = pi_sum / pi_count if learn_proportions else pi_mod.proportions
+        with torch.no_grad():
+            n_eval = min(eval_samples, target.shape[0])
+            ev_x = scores(target[:n_eval])
+            ev_c = [scores(c[:eval_samples]) for c in components]
+            value = float(normalized_wasserstein(ev_x, ev_c, pi_final))
     return NWEstimate(value, pi_final.cpu(), history)
 
 

@@ -1,4 +1,4 @@
-"""Utilities: feature hooks, batch adapters, safe checkpoint loading, argument checks, figures."""
+"""Utilities: mode guard and layer lookup, feature hooks, batch adapters, checkpoint loading, checks, figures."""
 
 from lightning_robust.utils.batch import Batch, split_batch
 from lightning_robust.utils.checkpoint import (
@@ -8,8 +8,9 @@ from lightning_robust.utils.checkpoint import (
     load_module,
     safe_load,
 )
-from lightning_robust.utils.feature_extractor import FeatureExtractor, resolve_layer
+from lightning_robust.utils.feature_extractor import FeatureExtractor
 from lightning_robust.utils.image_logging import log_image
+from lightning_robust.utils.modules import MODEL_MODES, model_mode, resolve_layer
 from lightning_robust.utils.params import count_parameters
 from lightning_robust.utils.rng import keyed_generator
 from lightning_robust.utils.text import HFTokenizer, WordVocabulary, basic_tokenize, highlight_changes, load_glove
@@ -19,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "FeatureExtractor",
     "HFTokenizer",
+    "MODEL_MODES",
     "WeightsOnlyLoadFromCheckpoint",
     "WordVocabulary",
     "basic_tokenize",
@@ -29,6 +31,7 @@ __all__ = [
     "load_glove",
     "load_module",
     "log_image",
+    "model_mode",
     "resolve_layer",
     "safe_load",
     "split_batch",

@@ -2,39 +2,15 @@
 
 from __future__ import annotations
 
-import difflib
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["FeatureExtractor", "resolve_layer"]
+from lightning_robust.utils.modules import resolve_layer
 
-
-def resolve_layer(module: nn.Module, layer: str) -> nn.Module:
-    """Return ``module.get_submodule(layer)`` or raise a ``ValueError`` that lists valid names.
-
-    Args:
-        module: the root module.
-        layer: dotted path such as ``"classifier.3"`` or ``"net.layers.2"``; ``""`` is the module itself.
-
-    Raises:
-        ValueError: if no submodule has that name; the message gives the closest matches and a few names.
-    """
-    if not isinstance(layer, str):
-        raise TypeError(f"layer must be a dotted module name (str), got {type(layer).__name__}")
-    try:
-        return module.get_submodule(layer)
-    except AttributeError:
-        names = [n for n, _ in module.named_modules() if n]
-        close = difflib.get_close_matches(layer, names, n=3, cutoff=0.5)
-        shown = close or names[:8]
-        more = "" if len(names) <= len(shown) else f" ... ({len(names)} in all)"
-        raise ValueError(
-            f"layer {layer!r} does not exist in {type(module).__name__}; "
-            f"{'closest names' if close else 'valid names include'}: {', '.join(map(repr, shown))}{more}"
-        ) from None
+__all__ = ["FeatureExtractor"]
 
 
 class FeatureExtractor:

@@ -1,4 +1,4 @@
-"""Send an image to whatever logger a Trainer has, and always keep a PNG copy on disk."""
+"""Send an image to whatever logger a Trainer has, and keep a PNG copy in the run's folder."""
 
 from __future__ import annotations
 
@@ -34,11 +34,29 @@ def _log_dir(trainer: Any) -> str | None:
     return None
 
 
+def _png_root(trainer: Any) -> Path | None:
+    """The logger's folder, else an explicitly chosen ``default_root_dir``; never the current directory.
+
+    ``Trainer(default_root_dir=None)`` reports ``os.getcwd()``, and writing there left ``images/`` folders in
+    users' projects (and in this repository); without a logger or a chosen root the PNG is skipped.
+    """
+    log_dir = _log_dir(trainer)
+    if log_dir:
+        return Path(log_dir)
+    root = getattr(trainer, "default_root_dir", None)
+    if not root or Path(root).resolve() == Path.cwd().resolve():
+        return None
+    return Path(root)
+
+
 def log_image(trainer: Any, tag: str, image: torch.Tensor | Image.Image, step: int | None = None) -> Path | None:
     """Log ``image`` under ``tag``: to TensorBoard / W&B style loggers when present, and as a PNG.
 
     The PNG goes to ``<trainer.log_dir>/images/<tag>_step<step>.png`` on global rank 0 only (the
-    other ranks return ``None``), so it works with CSVLogger and with no logger at all.
+    other ranks return ``None``), so it works with CSVLogger; with no logger it goes to
+    ``<default_root_dir>/images/`` when that was set to a folder other than the current directory, and
+    is skipped otherwise (the return value is then ``None``): nothing is written into the working
+    directory by default.
 
     Args:
         trainer: a ``pl.Trainer`` (only public attributes are used).
@@ -58,7 +76,9 @@ def log_image(trainer: Any, tag: str, image: torch.Tensor | Image.Image, step: i
         elif hasattr(logger, "log_image"):  # WandbLogger, NeptuneLogger, ...
             with contextlib.suppress(TypeError):  # loggers differ in signature; PNG below is kept anyway
                 logger.log_image(key=tag, images=[pil], step=step)
-    root = Path(_log_dir(trainer) or getattr(trainer, "default_root_dir", None) or ".")
+    root = _png_root(trainer)
+    if root is None:
+        return None
     out = root / "images" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', tag)}_step{step:07d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     pil.save(out)

@@ -7,7 +7,7 @@ import torch
 
 from lightning_robust.attacks import ReColorAdv, StAdv
 from lightning_robust.attacks.color_spaces import cieluv_to_rgb, rgb_to_cieluv
-from lightning_robust.attacks.functional import Perturbation, optimize_perturbations
+from lightning_robust.attacks.functional_base import Perturbation, optimize_perturbations
 from lightning_robust.attacks.recoloradv import grid_node_positions
 from lightning_robust.attacks.stadv import apply_flow
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_robust.certify import lipschitz_bound, lipschitz_radius
-from lightning_robust.certify._trace import conv_norm_bound, conv_padding_total, nonneg_operator_norm_bound
+from lightning_robust.certify.operator_norms import conv_norm_bound, conv_padding_total, nonneg_operator_norm_bound
 from lightning_robust.nets import MLP, ResNet32, SmallCNN
 
 

@@ -8,9 +8,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_robust.attacks import FGSM, PGD, Attack, ReColorAdv
+from lightning_robust.attacks.adversarial_training import free_delta_update, tripwire_tripped
 from lightning_robust.datamodules import DigitsDataModule, load_digits_tensors
 from lightning_robust.models import Classifier
-from lightning_robust.models.adversarial_training import free_delta_update, tripwire_tripped
 from lightning_robust.nets import SmallCNN
 from lightning_robust.utils import safe_load
 from tests.helpers.ddp import flat_params

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_robust.attacks import PGD, Compose, ReColorAdv, StAdv
-from lightning_robust.attacks.functional import apply_chain, neighbour_smoothness
+from lightning_robust.attacks.functional_base import apply_chain, neighbour_smoothness
 from lightning_robust.attacks.recoloradv import apply_color_offsets, grid_node_positions
 from lightning_robust.attacks.stadv import apply_flow
 

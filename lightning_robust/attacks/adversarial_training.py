@@ -23,16 +23,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_robust.attacks import FGSM, PGD, Attack, model_mode
+from lightning_robust.attacks.base import Attack
+from lightning_robust.attacks.pgd import FGSM, PGD
+from lightning_robust.utils.modules import model_mode
 from lightning_robust.utils.validation import check_positive
 
-__all__ = ["ADVERSARIAL_MODES", "default_tripwire_attack", "fast_attack", "free_delta_update",
+__all__ = ["ADVERSARIAL_MODES", "check_lp_threat", "default_tripwire_attack", "fast_attack", "free_delta_update",
            "robust_correct", "tripwire_tripped"]
 
 ADVERSARIAL_MODES = ("fast", "free", "pgd")
 
 
-def _lp_threat(attack: Attack, what: str) -> None:
+def check_lp_threat(attack: Attack, what: str) -> None:
+    """Raise a ``ValueError`` unless ``attack`` is an L-inf or L2 attack (``what`` names the training mode)."""
     if attack.threat.norm not in ("linf", "l2"):
         raise ValueError(f"adversarial_mode={what!r} needs an L-inf or L2 attack (its eps and norm define the "
                          f"perturbation), got {type(attack).__name__} with norm {attack.threat.norm!r}")
@@ -44,7 +47,7 @@ def fast_attack(attack: Attack, alpha: float | None = None) -> FGSM:
     Raises:
         ValueError: if ``attack`` is not an L-inf or L2 attack.
     """
-    _lp_threat(attack, "fast")
+    check_lp_threat(attack, "fast")
     if alpha is not None:
         check_positive("fast_alpha", alpha)
     return FGSM(eps=attack.threat.eps, alpha=alpha, norm=attack.threat.norm, random_start=True,
@@ -56,7 +59,7 @@ def free_delta_update(delta: torch.Tensor, grad: torch.Tensor, attack: Attack) -
 
     ``s`` is the sign for L-inf (Shafahi et al.'s rule, step = eps) and ``g / ||g||_2`` for L2.
     """
-    _lp_threat(attack, "free")
+    check_lp_threat(attack, "free")
     eps = attack.threat.eps
     if attack.threat.norm == "linf":
         step = grad.sign()
@@ -68,7 +71,7 @@ def free_delta_update(delta: torch.Tensor, grad: torch.Tensor, attack: Attack) -
 
 def default_tripwire_attack(attack: Attack) -> PGD:
     """PGD-10 with step ``eps / 4`` and a random start on ``attack``'s threat model (the trip-wire's default)."""
-    _lp_threat(attack, "pgd trip-wire")
+    check_lp_threat(attack, "pgd trip-wire")
     eps = attack.threat.eps
     return PGD(eps=eps, alpha=eps / 4 if eps > 0 else None, steps=10, norm=attack.threat.norm, random_start=True,
                low=attack.threat.low, high=attack.threat.high)
