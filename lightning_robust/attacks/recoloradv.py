@@ -201,9 +201,12 @@ class ReColorAdv(FunctionalAttack, Perturbation):
 
     def init_params(self, x: torch.Tensor, random: bool, generator: torch.Generator | None) -> torch.Tensor:
         shape = (x.shape[0], 3, *self.resolution)
+        # The grid is optimized in at least float32: Adam's eps (1e-8) underflows in float16, and offsets
+        # of ~1e-3 per step would vanish against bfloat16's resolution; apply() returns the input's dtype.
+        dtype = torch.promote_types(x.dtype, torch.float32)
         if not random:
-            return torch.zeros(shape, device=x.device, dtype=x.dtype)
-        u = torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype)
+            return torch.zeros(shape, device=x.device, dtype=dtype)
+        u = torch.rand(shape, generator=generator, device=x.device, dtype=dtype)
         return (2 * u - 1) * self._bounds(u)
 
     def _box(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,8 +228,8 @@ class ReColorAdv(FunctionalAttack, Perturbation):
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         from_rgb, to_rgb = color_space(self.color_space)
-        out = to_rgb(apply_color_offsets(from_rgb(x), params))
-        return clip(out, self.threat.low, self.threat.high)
+        out = to_rgb(apply_color_offsets(from_rgb(x).to(params.dtype), params))
+        return clip(out, self.threat.low, self.threat.high).to(x.dtype)
 
     def regularizer(self, params: torch.Tensor) -> torch.Tensor:
         return color_grid_smoothness(params)
