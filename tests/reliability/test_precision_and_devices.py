@@ -140,12 +140,7 @@ ATTACKS = {
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_image_attacks_take_reduced_precision_inputs(name, dtype, request):
-    if name == "recoloradv_stadv_delta" and dtype == torch.float16:
-        # Known bug (issue 25 report), seen after merging main's functional_base: in float16 a NaN reaches
-        # the colour grid of the composed attack. Suspected, not verified: the StAdv flow and the delta are
-        # optimized in float16, where Adam's eps (1e-8) underflows. Strict, so the fix is noticed.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="float16 StAdv/delta parameters in Compose"))
+def test_image_attacks_take_reduced_precision_inputs(name, dtype):
     net = _tiny_cnn().to(dtype)
     x, y = _rgb_batch()
     x = x.to(dtype)
