@@ -291,6 +291,21 @@ class GAN(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ignore[mi
     def discriminator_parameters(self) -> list[nn.Parameter]:
         return [] if self.discriminator is None else list(self.discriminator.parameters())
 
+    # ---- evaluation -----------------------------------------------------------------------------------
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        """Nothing per batch: a GAN is measured by its evaluation callbacks.
+
+        ``GANEvaluation`` (FID / KID / Inception score against a real split) and ``SampleGrid`` evaluate at
+        the end of ``trainer.validate`` and ``trainer.test``; Lightning runs those loops only for a module
+        that defines the step, so the step exists and returns nothing. During ``fit`` the callbacks evaluate
+        at the end of training epochs; ``limit_val_batches=0`` skips the (empty) validation loop there.
+        """
+        return None
+
+    def test_step(self, batch: Any, batch_idx: int) -> Any:
+        """Nothing per batch; see :meth:`validation_step` (``trainer.test`` runs the evaluation callbacks)."""
+        return None
+
     # ---- training -------------------------------------------------------------------------------------
     def generator_step_due(self) -> bool:
         """Whether this batch also updates the generator (every ``n_critic``-th batch; subclasses may veto,

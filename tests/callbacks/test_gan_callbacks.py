@@ -79,3 +79,21 @@ def test_bad_arguments(trained_digits_cnn):
         GANEvaluation(trained_digits_cnn, feature_layer="features.99")
     with pytest.raises(ValueError, match="nrow must be a positive integer"):
         SampleGrid(nrow=0)
+
+
+def test_trainer_test_on_a_gan_returns_the_evaluation_as_computed_directly(tmp_path, trained_digits_cnn):
+    """``trainer.test`` runs on every GAN module (issue 24): GANEvaluation's numbers are in the returned dict."""
+    dm = DigitsDataModule(image_size=8, batch_size=64, val_fraction=0.1, test_fraction=0.5, seed=0)
+    ev = GANEvaluation(trained_digits_cnn, feature_name="smallcnn_digits", num_fake=150, kid_subset_size=50,
+                       is_splits=1, real_split="test", seed=3)
+    gan = tiny_gan()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[ev], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    tested = trainer.test(gan, datamodule=dm, verbose=False)[0]
+    real = torch.cat([b[0] for b in dm.test_dataloader()])
+    fake = gan.sample(z=torch.randn(150, 8, generator=torch.Generator().manual_seed(3)))
+    ref = image_quality(real, fake, ClassifierFeatures(trained_digits_cnn),
+                        ClassifierFeatures(trained_digits_cnn, None), kid_subset_size=50, is_splits=1)
+    for metric in ("fid", "is"):
+        logged = [v for k, v in tested.items() if k.split("/")[-1].startswith(metric + "_")]
+        assert len(logged) == 1 and logged[0] == pytest.approx(ref[metric], rel=1e-4)
