@@ -292,18 +292,15 @@ class GAN(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ignore[mi
         return [] if self.discriminator is None else list(self.discriminator.parameters())
 
     # ---- evaluation -----------------------------------------------------------------------------------
-    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+    def test_step(self, batch: Any, batch_idx: int) -> Any:
         """Nothing per batch: a GAN is measured by its evaluation callbacks.
 
         ``GANEvaluation`` (FID / KID / Inception score against a real split) and ``SampleGrid`` evaluate at
-        the end of ``trainer.validate`` and ``trainer.test``; Lightning runs those loops only for a module
-        that defines the step, so the step exists and returns nothing. During ``fit`` the callbacks evaluate
-        at the end of training epochs; ``limit_val_batches=0`` skips the (empty) validation loop there.
+        the end of ``trainer.test``; Lightning runs that loop only for a module that defines the step, so the
+        step exists and returns nothing. There is deliberately no ``validation_step``: it would make ``fit``
+        run a validation loop (and require a validation split) for nothing, since during ``fit`` the
+        callbacks evaluate at the end of training epochs.
         """
-        return None
-
-    def test_step(self, batch: Any, batch_idx: int) -> Any:
-        """Nothing per batch; see :meth:`validation_step` (``trainer.test`` runs the evaluation callbacks)."""
         return None
 
     # ---- training -------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def test_bad_arguments(trained_digits_cnn):
 
 
 def test_trainer_test_on_a_gan_returns_the_evaluation_as_computed_directly(tmp_path, trained_digits_cnn):
-    """``trainer.test`` runs on every GAN module (issue 24): GANEvaluation's numbers are in the returned dict."""
+    """``trainer.test`` runs on the GAN modules (issue 24): GANEvaluation's numbers are in the returned dict."""
     dm = DigitsDataModule(image_size=8, batch_size=64, val_fraction=0.1, test_fraction=0.5, seed=0)
     ev = GANEvaluation(trained_digits_cnn, feature_name="smallcnn_digits", num_fake=150, kid_subset_size=50,
                        is_splits=1, real_split="test", seed=3)
