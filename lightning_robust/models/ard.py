@@ -153,10 +153,11 @@ class ARDStudent(Classifier):
                                                      adversarial_mode, fast_alpha, free_replays, weight=0.0))
         extra: dict[str, Any] = {} if optimizer is None else {"optimizer": optimizer}
         super().__init__(student, num_classes=num_classes, scheduler=scheduler, scheduler_interval=scheduler_interval,
-                         objectives=objectives, seed=seed, **extra)
+                         objectives=objectives, attack_seed=seed, **extra)
         if isinstance(teacher, (str, os.PathLike)):
             self.hparams["teacher"] = str(teacher)
         self.distillation = distillation
+        self.seed = int(seed)
         self.distill_mode = adversarial_mode
         self.temperature = distillation.temperature
         self.alpha = distillation.alpha

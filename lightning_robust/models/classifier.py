@@ -99,7 +99,7 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
         objectives: one :class:`~lightning_robust.objectives.Objective` or a list; ``None`` builds them from
             the shorthand arguments below (clean cross-entropy when none is set). Not saved in the
             hyper-parameters (they hold objects): pass them again to ``load_from_checkpoint``.
-        seed: seed of the attacks' random starts (a generator keyed by seed, global step and rank, so a
+        attack_seed: seed of the attacks' random starts (a generator keyed by it, global step and rank, so a
             resumed run draws the same); ``None`` uses the global RNG.
         label_smoothing: shorthand: cross-entropy label smoothing in [0, 1).
         certificate_weight: shorthand: weight of a :class:`~lightning_robust.objectives.CertifiedRadius` term
@@ -141,7 +141,7 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/loss",
         objectives: Objective | Sequence[Objective] | None = None,
-        seed: int | None = None,
+        attack_seed: int | None = None,
         label_smoothing: float = 0.0,
         certificate_weight: float = 0.0,
         certificate_method: str = "simplex",
@@ -163,8 +163,8 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
             raise ValueError("num_classes must be given (the net has no `num_classes` attribute)")
         check_positive_int("num_classes", num_classes, minimum=2)
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
-        if seed is not None:
-            check_seed("seed", seed)
+        if attack_seed is not None:
+            check_seed("attack_seed", attack_seed)
         # The shorthand arguments are checked also when objectives are given (their defaults always pass).
         check_fraction("label_smoothing", label_smoothing)
         check_non_negative("certificate_weight", certificate_weight)
@@ -202,7 +202,8 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
         self.num_classes = num_classes
         for o in self.objectives:
             o.setup(self, num_classes)
-        self.seed = seed
+        # not `seed`: a hyper-parameter of that name would clash with the DataModule's when loggers merge them
+        self.attack_seed = attack_seed
         self.scheduler_interval = scheduler_interval
         self.scheduler_monitor = scheduler_monitor
         self.optimizer_factory = optimizer
@@ -291,12 +292,12 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
 
     def step_generator(self, device: torch.device | str) -> torch.Generator | None:
         """Random starts of this step: keyed by (seed, global step, rank), so a resumed run draws the same."""
-        if self.seed is None:
+        if self.attack_seed is None:
             return None
         rank = self.trainer.global_rank if self._trainer is not None else 0
         step = self.trainer.global_step if self._trainer is not None else 0
         generator = torch.Generator(device=device)
-        generator.manual_seed((self.seed * 1_000_003 + step * 7_919 + rank) % (2**63 - 1))
+        generator.manual_seed((self.attack_seed * 1_000_003 + step * 7_919 + rank) % (2**63 - 1))
         return generator
 
     def training_batch(self, batch: Any) -> TrainingBatch:
