@@ -279,6 +279,14 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
         return None if self.tripwire is None else self.tripwire.attack
 
     @property
+    def tripwire_batches(self) -> int:
+        return 0 if self.tripwire is None else self.tripwire.batches
+
+    @property
+    def tripwire_max_drop(self) -> float | None:
+        return None if self.tripwire is None else self.tripwire.max_drop
+
+    @property
     def tripwire_history(self) -> list[float]:
         return [] if self.tripwire is None else self.tripwire.history
 
