@@ -145,7 +145,8 @@ class DeepKNNPoisonFilter(pl.Callback):
         self.fraction, self.nu, self.batch_size, self.chunk_size = fraction, nu, batch_size, chunk_size
         self.output_file, self.seed = output_file, seed
         # Decision state (checkpointed): None until the filter has run.
-        self.removed_indices: list[int] | None = None
+        self.removed_indices: list[int] | None = None  # this run's decision (None after a resume)
+        self.num_removed: int | None = None
         self.num_examples: int = 0
         self.k_used: int | None = None
         self.filtered_before_epoch: int | None = None
@@ -201,6 +202,7 @@ class DeepKNNPoisonFilter(pl.Callback):
         removed = [positions[i] for i in (~keep).nonzero().flatten().tolist()]
         dm.exclude_train_indices(removed)
         self.removed_indices = sorted(removed)
+        self.num_removed = len(removed)
         self.num_examples = len(positions)
         self.filtered_before_epoch = trainer.current_epoch + (0 if at_start else 1)
         self._report(trainer, pl_module, dm, positions, at_start)
@@ -338,7 +340,7 @@ class DeepKNNPoisonFilter(pl.Callback):
         # only that (and how) this filter decided, so a resumed run does not decide again.
         return {
             "num_examples": self.num_examples,
-            "num_removed": None if self.removed_indices is None else len(self.removed_indices),
+            "num_removed": self.num_removed,
             "k_used": self.k_used,
             "filtered_before_epoch": self.filtered_before_epoch,
             "method": self.method,
@@ -347,8 +349,11 @@ class DeepKNNPoisonFilter(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.num_examples = int(state_dict.get("num_examples", 0))
+        removed = state_dict.get("removed_indices")  # 0.1.0 states held the positions themselves
+        num_removed = state_dict.get("num_removed", None if removed is None else len(removed))
+        self.num_removed = None if num_removed is None else int(num_removed)
         self.k_used = state_dict.get("k_used")
         self.filtered_before_epoch = state_dict.get("filtered_before_epoch")
-        if self.filtered_before_epoch is None and state_dict.get("removed_indices") is not None:
+        if self.filtered_before_epoch is None and removed is not None:
             self.filtered_before_epoch = 0  # a 0.1.0 state: it held the indices, so the filter had run
         self.detection = {str(k): float(v) for k, v in state_dict.get("detection", {}).items()}
