@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test,text,dev]"
-	# torchattacks is a test-only reference; its pinned `requests` would conflict, so no deps.
+	# torchattacks: a test reference and the engine of the AutoAttack preset; its pinned `requests` would conflict, so no deps.
 	$(PY) -m pip install -q --no-deps torchattacks
 	touch $(STAMP)
 

@@ -1,23 +1,29 @@
 """Fidelity of Adversarially Robust Distillation (Goldblum et al., arXiv 1905.09747) at CPU scale.
 
 The paper's claims: (1) a student distilled on clean images (KD) inherits some of a robust teacher's
-robustness but far from all of it; (2) ARD's student is much more robust than the KD student and at least as
-robust as an adversarially trained (AT) student of the same architecture; (3) fast ARD (free training with
-``m`` replays, or FGSM with a random start) gets close to ARD at a fraction of the cost.
+robustness but far from all of it; (2) ARD's student is more robust than the KD student and at least as
+robust as an adversarially trained (AT) student of the same architecture, most clearly for small students.
+Claim (2) can only be tested when the teacher is clearly more robust than an AT student, so the teacher here
+is a SmallCNN (PGD-7 AT, about 33x a 64-unit student's parameters) and the students are small MLPs whose AT
+versions stay well below it; the table prints the teacher - AT gap per size. (A 256-256 MLP student, AT-trained,
+comes within about one point of this teacher, so it cannot test the claim; it is left out to fit the CPU budget.)
 
 Setting: the bundled 8x8 digits (first 1437 for training, the held-out 360 for test; 17 grey levels, so
-L-inf eps = 0.1). Teacher: SmallCNN adversarially trained with PGD-7 (step eps/4). Students: a small MLP
-(64-64-10) trained with the same number of epochs, Adam 2e-3, as (a) natural cross-entropy, (b) Madry AT with
-PGD-10 (step eps/4), and for temperatures 30 (the paper's CIFAR-10 value) and 1: (c) KD
-(``ARDStudent(adversarial_mode="clean")``), (d) ARD with the same PGD-10, (e) free ARD, m = 4 (a quarter of the
-epochs), (f) fast ARD, FGSM with random start; alpha 1 as in the paper. Evaluation: clean and PGD-20 accuracy
-(step eps/4, random start) on the test split, mean and spread over seeds. Training time is relative to KD.
+L-inf eps = 0.1). Students: two ReLU MLPs (hidden 32 and 64), each trained for the same number
+of epochs (Adam 2e-3, batch 64) as (a) natural cross-entropy, (b) Madry AT with PGD-10 (step eps/4, random
+start), (c) KD (``ARDStudent(adversarial_mode="clean")``) and (d) ARD with the same PGD-10 on the student,
+for T in {1, 5, 30} (30 is the paper's CIFAR-10 value), alpha 1 as in the paper. The KL uses "batchmean"
+(the true KL); with Adam the authors' 1/C "mean" scale changes the step little (Adam normalises gradients).
+MLP students have no BatchNorm or dropout, so attacking them in train or eval mode is the same.
+Evaluation: clean and PGD-20 accuracy (step eps/4, random start, fixed attack seed) on the test split;
+mean ± std over 3 seeds. ARD vs AT and ARD vs KD are compared per seed (paired: same seed, same test
+images, same evaluation attack): the paired difference's mean ± std, called a win only when its mean
+exceeds its std (otherwise "within spread").
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from functools import partial
@@ -28,18 +34,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benchmarks.common import markdown_table
+from benchmarks.common import DEFAULT_SEEDS, markdown_table, mean_std
 from lightning_robust.attacks import PGD
 from lightning_robust.datamodules import DigitsDataModule
 from lightning_robust.models import ARDStudent, Classifier
 from lightning_robust.nets import MLP, SmallCNN
 
 EPS = 0.1
-TEMPERATURES = (30, 1)  # the paper's CIFAR-10 temperature, and plain softmax matching
+TEMPERATURES = (1, 5, 30)
+SIZES: dict[str, tuple[int, ...]] = {"MLP 32": (32,), "MLP 64": (64,)}
 
 
-def _student() -> nn.Module:
-    return MLP(in_features=64, num_classes=10, hidden=(64,))
+def _student(hidden: tuple[int, ...]) -> nn.Module:
+    return MLP(in_features=64, num_classes=10, hidden=hidden)
 
 
 def _fit(model: pl.LightningModule, epochs: int) -> float:
@@ -54,19 +61,18 @@ def _train_attack() -> PGD:
     return PGD(eps=EPS, alpha=EPS / 4, steps=10, random_start=True)
 
 
-def _student_model(kind: str, teacher: nn.Module, seed: int) -> tuple[pl.LightningModule, float]:
-    """``kind`` is ``natural``, ``at`` or ``<kd|ard|free|fast>@<temperature>``."""
+def _student_model(kind: str, hidden: tuple[int, ...], teacher: nn.Module, seed: int) -> pl.LightningModule:
+    """``kind`` is ``natural``, ``at`` or ``<kd|ard>@<temperature>``."""
     pl.seed_everything(seed, verbose=False)
     adam = partial(torch.optim.Adam, lr=2e-3)
     if kind == "natural":
-        return Classifier(_student(), optimizer=adam), 1.0
+        return Classifier(_student(hidden), optimizer=adam)
     if kind == "at":
-        return Classifier(_student(), optimizer=adam, attack=_train_attack()), 1.0
+        return Classifier(_student(hidden), optimizer=adam, attack=_train_attack())
     method, temperature = kind.split("@")
-    mode = {"kd": "clean", "ard": "pgd", "free": "free", "fast": "fast"}[method]
-    model = ARDStudent(_student(), teacher, attack=_train_attack(), temperature=float(temperature), alpha=1.0,
-                       adversarial_mode=mode, free_replays=4, optimizer=adam, seed=seed)
-    return model, 0.25 if method == "free" else 1.0
+    mode = {"kd": "clean", "ard": "pgd"}[method]
+    return ARDStudent(_student(hidden), teacher, attack=_train_attack(), temperature=float(temperature), alpha=1.0,
+                      adversarial_mode=mode, optimizer=adam, seed=seed)
 
 
 def _accuracies(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -77,15 +83,20 @@ def _accuracies(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
         return float((net(x).argmax(1) == y).float().mean()), float((net(x_adv).argmax(1) == y).float().mean())
 
 
-def _fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+def _paired(a: list[float], b: list[float]) -> tuple[str, str]:
+    """Paired per-seed difference ``a - b`` as "m ± s" and a verdict (win only beyond the spread)."""
+    d = [u - v for u, v in zip(a, b)]
+    m = statistics.fmean(d)
+    s = statistics.stdev(d) if len(d) > 1 else float("inf")
+    verdict = "higher" if m > s else "lower" if -m > s else "within spread"
+    return mean_std(d), verdict
 
 
 def run(quick: bool = False) -> str:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    teacher_epochs, epochs, seeds = (6, 4, [0]) if quick else (20, 20, [0, 1, 2])
+    t_start = time.perf_counter()
+    teacher_epochs, epochs, seeds = (4, 3, [0, 1]) if quick else (20, 20, list(DEFAULT_SEEDS))
+    temperatures = TEMPERATURES
     dm = DigitsDataModule(batch_size=64, val_fraction=0.0, seed=0)
     dm.setup()
     x, y = next(iter(DataLoader(dm.test_dataset, batch_size=10_000)))  # type: ignore[arg-type]
@@ -96,41 +107,47 @@ def run(quick: bool = False) -> str:
     teacher_time = _fit(teacher_model, teacher_epochs)
     teacher = teacher_model.net.eval()
     t_clean, t_robust = _accuracies(teacher, x, y)
-    rows: list[list[Any]] = [[f"teacher: SmallCNN, PGD-7 AT ({teacher_epochs} epochs)",
-                              sum(p.numel() for p in teacher.parameters()), f"{t_clean:.3f}", f"{t_robust:.3f}", "-"]]
-    names = {"natural": "student: natural training", "at": "student: AT, PGD-10 (Madry)"}
-    for temperature in TEMPERATURES:
-        names.update({f"kd@{temperature}": f"student: KD (clean distillation), T = {temperature}",
-                      f"ard@{temperature}": f"student: ARD, PGD-10, T = {temperature}",
-                      f"free@{temperature}": f"student: fast ARD, free m = 4 (1/4 of the epochs), T = {temperature}",
-                      f"fast@{temperature}": f"student: fast ARD, FGSM + random start, T = {temperature}"})
-    times: dict[str, list[float]] = {}
-    results: dict[str, tuple[list[float], list[float]]] = {}
-    for kind in names:
-        clean, robust, secs = [], [], []
-        for seed in seeds:
-            model, epoch_fraction = _student_model(kind, teacher, seed)
-            secs.append(_fit(model, max(1, math.ceil(epochs * epoch_fraction))))
-            c, r = _accuracies(model.net, x, y)  # type: ignore[arg-type]
-            clean.append(c)
-            robust.append(r)
-        times[kind], results[kind] = secs, (clean, robust)
-    kd_time = statistics.mean(times[f"kd@{TEMPERATURES[0]}"])
-    n_student = sum(p.numel() for p in _student().parameters())
-    for kind, name in names.items():
-        clean, robust = results[kind]
-        rows.append([name, n_student, _fmt(clean), _fmt(robust), f"{statistics.mean(times[kind]) / kd_time:.2f}"])
-    at = statistics.mean(results["at"][1])
-    verdict = ""
-    for temperature in TEMPERATURES:
-        ard, kd = (statistics.mean(results[f"{k}@{temperature}"][1]) for k in ("ard", "kd"))
-        verdict += (f"T = {temperature}: ARD student PGD-20 accuracy {ard:.3f} vs KD {kd:.3f} (difference "
-                    f"{ard - kd:+.3f}) and vs AT {at:.3f} (difference {ard - at:+.3f}).\n")
+    rows: list[list[Any]] = [["teacher: SmallCNN, PGD-7 AT", "-",
+                              sum(p.numel() for p in teacher.parameters()), f"{t_clean:.3f}", f"{t_robust:.3f}"]]
+    kinds = ["natural", "at"] + [f"{m}@{t}" for t in temperatures for m in ("kd", "ard")]
+    label = {"natural": "natural", "at": "AT, PGD-10 (Madry)"}
+    label.update({f"kd@{t}": f"KD, T = {t}" for t in temperatures})
+    label.update({f"ard@{t}": f"ARD, PGD-10, T = {t}" for t in temperatures})
+    comparisons: list[list[Any]] = []
+    for size, hidden in SIZES.items():
+        n_params = sum(p.numel() for p in _student(hidden).parameters())
+        results: dict[str, tuple[list[float], list[float]]] = {}
+        for kind in kinds:
+            clean, robust = [], []
+            for seed in seeds:
+                model = _student_model(kind, hidden, teacher, seed)
+                _fit(model, epochs)
+                c, r = _accuracies(model.net, x, y)  # type: ignore[arg-type]
+                clean.append(c)
+                robust.append(r)
+            results[kind] = (clean, robust)
+            rows.append([size, label[kind], n_params, mean_std(clean), mean_std(robust)])
+            print(f"{size} {label[kind]}: clean {mean_std(clean)} PGD-20 {mean_std(robust)} "
+                  f"(per seed: clean {clean}, PGD-20 {robust})", flush=True)
+        at = results["at"][1]
+        gap = t_robust - statistics.fmean(at)
+        for t in temperatures:
+            ard, kd = results[f"ard@{t}"][1], results[f"kd@{t}"][1]
+            d_at, v_at = _paired(ard, at)
+            d_kd, v_kd = _paired(ard, kd)
+            comparisons.append([size, f"{gap:+.3f}", t, mean_std(ard), d_at, v_at, d_kd, v_kd])
     return (
-        f"### ARD on the digits (L-inf eps = {EPS}; students {epochs} epochs, {len(seeds)} seed(s); "
-        f"{len(y)} test digits; teacher trained in {teacher_time:.0f} s)\n\n"
-        + markdown_table(["model", "parameters", "clean acc", "PGD-20 acc", "train time / KD"], rows)
-        + f"\n\n{verdict}"
+        f"### ARD on the digits: two student sizes, T in {{1, 5, 30}} (L-inf eps = {EPS}; students {epochs} "
+        f"epochs, teacher {teacher_epochs} epochs; seeds {seeds}; {len(y)} test digits)\n\n"
+        + markdown_table(["student", "training", "parameters", "clean acc", "PGD-20 acc"], rows)
+        + "\n\nPaired per-seed differences of PGD-20 accuracy (same seed, same test images, same evaluation "
+        "attack); \"higher\"/\"lower\" only where the mean difference exceeds its std over seeds.\n\n"
+        + markdown_table(["student", "teacher - AT student (PGD-20)", "T", "ARD PGD-20", "ARD - AT", "ARD vs AT",
+                          "ARD - KD", "ARD vs KD"], comparisons)
+        + f"\n\nPaper (CIFAR-10, eps 8/255, T = 30; abstract): ARD students \"decisively outperform adversarially "
+        f"trained networks of identical architecture on robust accuracy\", and KD alone passes on part of the "
+        f"teacher's robustness. Teacher trained in "
+        f"{teacher_time:.0f} s; total {time.perf_counter() - t_start:.0f} s."
     )
 
 

@@ -140,7 +140,7 @@ def run(quick: bool = False, seeds: Sequence[int] = DEFAULT_SEEDS) -> str:
     short = {k: k.replace("distilled", "KD").replace("scratch", "GAN") for k in order}  # fits under one cell
     captions = [short[name] if i == 0 else "" for name in order for i in range(8)]
     image_grid(torch.cat([grids[k] for k in order]), captions=captions, nrow=8, cell=64,
-               title=f"same latents in every row (seed {seeds[0]})").save(RESULTS / "samples.png")
+               title=f"same latents in every row (seed {seeds[0]})").savefig(RESULTS / "samples.png")
 
     rows: list[list[object]] = [["held-out real digits (reference)", "-", "-", f"{real['fid']:.2f}",
                                  f"{real['kid']:.3f}", f"{real['is']:.3f}", "-"]]

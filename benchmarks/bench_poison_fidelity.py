@@ -1,33 +1,42 @@
-"""Fidelity of the Deep k-NN defence (Peri et al., arXiv 1909.13374) in the paper's transfer-learning setting,
-at CPU scale on real MNIST digits (the 10,000-image MNIST test split in ../shared/data; the bundled 8x8
-digits when it is absent).
+"""Fidelity of the Deep k-NN defence (Peri et al., arXiv 1909.13374) against convex-polytope and
+feature-collision clean-label poisons, on the authors' protocol scaled to CPU: real MNIST digits (the
+10,000-image MNIST test split in ../shared/data; the bundled 8x8 digits when it is absent).
 
-Protocol (the paper's, scaled down):
+Protocol (Zhu et al.'s convex-polytope transfer setting, as Peri et al. use it; per seed):
 
-1. A SmallCNN feature extractor is trained on clean images (half of the split).
-2. For each (target class, base class) pair, a correctly classified held-out target image and 5 bases (the
-   base-class fine-tuning images nearest to it in feature space, Poison Frogs' choice) give 5 poisons:
-   feature collision (Poison Frogs, forward-backward splitting; with beta = 0.05 for [0, 1] pixels, and with
-   the paper's beta0 (d_feat / d_in)^2 scaling, which is far larger at MNIST size) or convex polytope (Zhu et
-   al., 1000 Adam steps, at the paper's eps = 0.1 and at eps = 0.3: on these MNIST features eps = 0.1 leaves
-   the target well outside the poisons' hull); all white-box against the extractor. A control keeps the bases clean:
-   whatever a filter removes there is a false positive on these near-target images.
-3. The victim freezes the extractor and retrains its last layer (warm start, Adam) on 50 images per class
-   in which the 5 bases are replaced by the poisons (clean labels). Attack success: the target is then
-   classified as the base class.
-4. Each defence filters the fine-tuning set in the extractor's feature space first: Deep k-NN (k = 50,
-   examples per class, the paper's guideline), L2 outlier and random eviction (5% of each class), one-class
-   SVM (nu = 0.05). We report the share of poisons removed (detection rate), clean images removed, attack
-   success and clean accuracy (the rest of the split) after retraining on the kept set.
+1. Half of the split pre-trains, on clean images, an ensemble of substitute CNNs (two widths x two dropout
+   rates, dropout kept on while crafting, as the authors' substitutes) and, separately, the victim CNN (another
+   width and initialisation, no dropout; not in the ensemble: the authors' black-box transfer setting).
+2. Fine-tuning set: 50 images per class from the other half. For each (target class, base class) pair, the
+   target is a held-out image the victim classifies correctly and the bases are fixed: the first 5 base-class
+   images of the fine-tuning set (the authors' default, not the nearest to the target).
+3. Poisons: convex polytope (:class:`ConvexPolytope`, the authors' algorithm: Adam 0.008 per [0, 1] pixel,
+   projected-gradient coefficients, eps 0.1) against the substitute ensemble; feature collision (Poison Frogs,
+   white-box on the victim's extractor, as in Poison Frogs) with beta 0.05 for [0, 1] pixels and with the
+   beta of Shafahi et al.'s definition, ``beta0 * 2048^2 / dim_b^2`` (beta0 = 0.25, pixels in 0..255, dim_b
+   the input dimension), converted to [0, 1] pixels; a control keeps the bases clean.
+4. The victim retrains its last layer (warm start, Adam lr 0.1 as the authors) on the fine-tuning set with the
+   poisons (clean labels). Attack success: the target is then classified as the base class.
+5. Each defence filters the fine-tuning set in the victim's feature space first: Deep k-NN at normalized
+   k = k / (examples per class) in {1, 1.5, 2} (k = 50, 75, 100), L2 outlier and random eviction (5% of each
+   class), one-class SVM (nu = 0.05). Detection rate = share of poisons removed, counted over the pairs where
+   the undefended attack succeeded (the authors' rule) and over all pairs.
 
-The paper reports over 99% of poisons detected for both attacks with no loss of accuracy (CIFAR-10,
-ResNet-18 and others, 50 images per class).
+Settings that differ from the papers' (CIFAR-10, 12 ResNet/DenseNet-class substitutes, 4,000 CP steps):
+MNIST-size CNNs pre-trained for one epoch, 4 substitutes, 150 CP steps with at most 8 coefficient iterations
+per step (warm-started), victim head retrained for 20 epochs with the authors' Adam 0.1 and decays (they run 60),
+all to fit a shared 2-core machine; a second CP
+row adds the victim's own extractor to the ensemble
+(grey-box), so that enough attacks succeed to count detection over them.
+Peri et al. report that Deep k-NN at k = 50 removes 98.0% of the convex-polytope poisons over 102 runs
+(successful attacks) and 100% for k >= 75.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,19 +46,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import markdown_table
-from lightning_robust.attacks import ConvexPolytope, FeatureCollision, LayerFeatures, PoisonAttack, nearest_to_target
+from benchmarks.common import DEFAULT_SEEDS, markdown_table, mean_std
+from lightning_robust.attacks import ConvexPolytope, FeatureCollision, LayerFeatures, PoisonAttack
 from lightning_robust.defenses import deep_knn_filter, l2_outlier_filter, one_class_svm_filter, random_eviction
-from lightning_robust.nets import SmallCNN
 
 SHARED = Path(os.environ.get("LIGHTNING_ROBUST_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 PAIRS = [(3, 8), (1, 7), (4, 9), (5, 6), (0, 6), (2, 7), (9, 4), (7, 1), (6, 5), (8, 3)]  # (target, base)
 PER_CLASS, NUM_POISONS, FRACTION = 50, 5, 0.05
-DEFENCES = ("none", "deep_knn", "l2_outlier", "one_class_svm", "random")
+NORMALIZED_K = (1.0, 1.5, 2.0)
+DEFENCES = ("none", *(f"deep_knn k/n={nk:g}" for nk in NORMALIZED_K), "l2_outlier", "one_class_svm", "random")
+
+
+class TinyCNN(nn.Module):
+    """Two conv blocks and a 64-d feature layer (``features``); dropout after each block (on while crafting)."""
+
+    feature_layer = "head.1"
+
+    def __init__(self, width: int = 16, dropout: float = 0.0, in_size: int = 28) -> None:
+        super().__init__()
+        side = ((in_size - 4) // 2 - 4) // 2  # two 5x5 valid convolutions, each followed by a 2x2 pool
+        self.body = nn.Sequential(nn.Conv2d(1, width, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
+                                  nn.Conv2d(width, 2 * width, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                  nn.Dropout(dropout))
+        self.head = nn.Sequential(nn.Linear(2 * width * side * side, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
 
 
 def load_data() -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The real MNIST test split (IDX, gzip) when available, else the bundled digits."""
+    """The real MNIST test split (IDX, gzip) when available, else the bundled digits upsampled to 28x28."""
     images = SHARED / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
     labels = SHARED / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
     if images.is_file() and labels.is_file():
@@ -61,30 +87,19 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, str]:
     from lightning_robust.datamodules import load_digits_tensors
 
     x, y = load_digits_tensors(8, 1)
-    return x, y, "bundled 8x8 digits"
+    return F.interpolate(x, size=28, mode="bilinear").clamp(0, 1), y, "bundled 8x8 digits (upsampled)"
 
 
 @torch.no_grad()
-def features(f: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+def features(f: nn.Module, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     return torch.cat([f(x[i: i + batch]) for i in range(0, len(x), batch)])
 
 
-_PRETRAINED: dict[tuple[int, int, int], SmallCNN] = {}
-
-
-def pretrain(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 0) -> SmallCNN:
-    """SmallCNN trained on clean images (Adam, batch 64); cached per (size, epochs, seed) within a process."""
-    key = (len(y), epochs, seed)
-    if key not in _PRETRAINED:
-        _PRETRAINED[key] = _train_cnn(x, y, epochs, seed)
-    return _PRETRAINED[key]
-
-
-def _train_cnn(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> SmallCNN:
-    torch.manual_seed(seed)
-    net = SmallCNN(in_channels=1, num_classes=10, input_size=x.shape[-1])
+def train_cnn(net: TinyCNN, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> TinyCNN:
+    """Clean pre-training (Adam 1e-3, batch 64)."""
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
+    net.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(y), generator=g).split(64):
             opt.zero_grad()
@@ -93,14 +108,17 @@ def _train_cnn(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> Smal
     return net.eval()
 
 
-def train_head(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, epochs: int = 40, lr: float = 0.01,
-               seed: int = 0) -> nn.Linear:
-    """Fine-tune a copy of the last layer on fixed features (Adam, batch 64), as the paper's victims do."""
+def train_head(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int) -> nn.Linear:
+    """Retrain a copy of the victim's last layer on fixed features, warm start: the authors' recipe (Adam lr 0.1,
+    batch 64, lr x 0.1 at 1/2 and 3/4 of the epochs; they run 60 epochs)."""
     out = nn.Linear(head.in_features, head.out_features)
     out.load_state_dict(head.state_dict())
-    opt = torch.optim.Adam(out.parameters(), lr=lr)
+    opt = torch.optim.Adam(out.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if epoch in (epochs // 2, (3 * epochs) // 4):
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
         for idx in torch.randperm(len(labels), generator=g).split(64):
             opt.zero_grad()
             F.cross_entropy(out(feats[idx]), labels[idx]).backward()
@@ -108,40 +126,42 @@ def train_head(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, epoch
     return out
 
 
+def paper_fc_beta(d_in: int, beta0: float = 0.25, pixel_scale: float = 255.0) -> float:
+    """Shafahi et al.'s ``beta = beta0 * 2048^2 / dim_b^2`` (0..255 pixels), as the coefficient for [0, 1] pixels.
+
+    2048 is the dimension of the Inception-v3 feature layer the formula was written for; the image term
+    ``beta ||x - b||^2`` scales by ``pixel_scale^2`` when pixels go from 0..255 to [0, 1].
+    """
+    return beta0 * 2048**2 / d_in**2 * pixel_scale**2
+
+
 @dataclass
 class Settings:
-    """Knobs of one fidelity run (defaults: the full run)."""
+    """Knobs of one fidelity run (defaults: the recorded run)."""
 
-    pretrain_epochs: int = 3
-    pairs: list[tuple[int, int]] = field(default_factory=lambda: list(PAIRS))
-    fc_steps: int = 400
-    fc_lr: float = 0.01
-    fc_beta: float | None = 0.05
-    fc_paper_steps: int = 200
-    cp_steps: int = 1000
-    cp_lr: float = 0.01
-    cp_eps: float = 0.1
-    cp_eps_large: float = 0.3
-    head_epochs: int = 40
-    head_lr: float = 0.01
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    pairs_per_seed: int = 7
+    pretrain_epochs: int = 1
+    cp_steps: int = 150
+    cp_coeff_steps: int = 8
+    fc_steps: int = 150
+    head_epochs: int = 20
 
 
 @dataclass
-class Tally:
-    """Sums over trials for one (attack, defence) cell."""
+class Cell:
+    """One (attack, defence) cell, per seed lists of per-pair outcomes."""
 
-    trials: int = 0
-    success: int = 0
-    poisons_removed: int = 0
-    clean_removed: int = 0
-    accuracy: list[float] = field(default_factory=list)
+    success: list[list[bool]] = field(default_factory=list)
+    removed: list[list[int]] = field(default_factory=list)
+    clean_removed: list[list[int]] = field(default_factory=list)
 
 
 def _filter(name: str, feats: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
     if name == "none":
         return torch.ones(len(labels), dtype=torch.bool)
-    if name == "deep_knn":
-        return deep_knn_filter(feats, labels)  # k = examples per class (default)
+    if name.startswith("deep_knn"):
+        return deep_knn_filter(feats, labels, normalized_k=float(name.split("=")[1]))
     if name == "l2_outlier":
         return l2_outlier_filter(feats, labels, FRACTION)
     if name == "one_class_svm":
@@ -149,93 +169,139 @@ def _filter(name: str, feats: torch.Tensor, labels: torch.Tensor, seed: int) -> 
     return random_eviction(feats, labels, FRACTION, generator=torch.Generator().manual_seed(seed))
 
 
-def evaluate(cfg: Settings) -> tuple[dict[tuple[str, str], Tally], dict[str, object]]:
-    """Run the protocol; return the tallies per (attack, defence) and facts for the report."""
-    torch.manual_seed(0)
+def evaluate(cfg: Settings) -> tuple[dict[str, dict[str, Cell]], dict[str, object]]:
     x, y, source = load_data()
-    n = len(y)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    pre_idx, rest = perm[: n // 2], perm[n // 2:]
-    net = pretrain(x[pre_idx], y[pre_idx], epochs=cfg.pretrain_epochs)
-    f = LayerFeatures(net, net.feature_layer)
-    head = net.classifier[4]
-    assert isinstance(head, nn.Linear)
-    # Fine-tuning set: 50 per class from the held-out half; targets and accuracy images from the others.
-    g = torch.Generator().manual_seed(1)
-    ft_idx = torch.cat([rest[y[rest] == c][torch.randperm(int((y[rest] == c).sum()), generator=g)[:PER_CLASS]]
-                        for c in range(10)])
-    held = rest[~torch.isin(rest, ft_idx)]
-    x_ft, y_ft = x[ft_idx], y[ft_idx]
-    f_ft = features(f, x_ft)
-    f_held = features(f, x[held])
-    clean_acc = float((head(f_held).argmax(1) == y[held]).float().mean())
-
-    pairs = cfg.pairs
-    fc_beta_paper = FeatureCollision().effective_beta(f_ft.shape[1], x[0].numel())
-    attacks: dict[str, PoisonAttack | None] = {
-        "none (bases left clean)": None,  # control: how often the chosen bases themselves are removed
-        f"feature collision, beta {cfg.fc_beta}": FeatureCollision(steps=cfg.fc_steps, lr=cfg.fc_lr,
-                                                                  beta=cfg.fc_beta),
-        f"feature collision, paper's beta {fc_beta_paper:.0f}": FeatureCollision(steps=cfg.fc_paper_steps,
-                                                                                lr=cfg.fc_lr),
-        f"convex polytope, eps {cfg.cp_eps}": ConvexPolytope(steps=cfg.cp_steps, lr=cfg.cp_lr, eps=cfg.cp_eps),
-        f"convex polytope, eps {cfg.cp_eps_large}": ConvexPolytope(steps=cfg.cp_steps, lr=cfg.cp_lr,
-                                                                  eps=cfg.cp_eps_large),
-    }
-    tallies = {(a, d): Tally() for a in attacks for d in DEFENCES}
-    for t_cls, b_cls in pairs:
-        candidates = held[(y[held] == t_cls) & (head(f_held).argmax(1) == y[held]).cpu()]
-        target = x[candidates[0]]
-        base_pos = (y_ft == b_cls).nonzero().flatten()
-        order = nearest_to_target(f, x_ft[base_pos], target, NUM_POISONS)
-        positions = base_pos[order]
-        for a_name, attack in attacks.items():
-            poisons = x_ft[positions] if attack is None else attack(f, x_ft[positions], target)
-            feats = f_ft.clone()
-            feats[positions] = features(f, poisons)
+    d_in = x[0].numel()
+    beta_paper = paper_fc_beta(d_in)
+    attack_names = ["none (bases left clean)", "convex polytope, eps 0.1, 4 substitutes (black-box)",
+                    "convex polytope, eps 0.1, 4 substitutes + the victim (grey-box)", "feature collision, beta 0.05",
+                    f"feature collision, Shafahi et al.'s beta ({beta_paper:.3g})"]
+    cells = {a: {d: Cell() for d in DEFENCES} for a in attack_names}
+    facts: dict[str, object] = {"source": source, "beta_paper": beta_paper, "d_in": d_in, "victim_acc": [],
+                                "unmoved": 0, "cp_poisons": 0}
+    for seed in cfg.seeds:
+        torch.manual_seed(seed)
+        n = len(y)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        pre, rest = perm[: n // 2], perm[n // 2:]
+        subs = [train_cnn(TinyCNN(w, p), x[pre], y[pre], cfg.pretrain_epochs, seed * 10 + i)
+                for i, (w, p) in enumerate([(16, 0.2), (16, 0.3), (24, 0.2), (24, 0.3)])]
+        torch.manual_seed(seed + 100)
+        victim = train_cnn(TinyCNN(20, 0.0), x[pre], y[pre], cfg.pretrain_epochs, seed * 10 + 9)
+        f_subs = [LayerFeatures(s, s.feature_layer) for s in subs]
+        f_vic = LayerFeatures(victim, victim.feature_layer)
+        head = victim.head[2]
+        assert isinstance(head, nn.Linear)
+        g = torch.Generator().manual_seed(seed + 1)
+        ft_idx = torch.cat([rest[y[rest] == c][torch.randperm(int((y[rest] == c).sum()), generator=g)[:PER_CLASS]]
+                            for c in range(10)])
+        held = rest[~torch.isin(rest, ft_idx)]
+        x_ft, y_ft = x[ft_idx], y[ft_idx]
+        f_ft = features(f_vic, x_ft)
+        f_held = features(f_vic, x[held])
+        correct = head(f_held).argmax(1) == y[held]
+        facts["victim_acc"].append(float(correct.float().mean()))  # type: ignore[union-attr]
+        attacks: dict[str, tuple[PoisonAttack | None, list[nn.Module]]] = {
+            attack_names[0]: (None, []),
+            attack_names[1]: (ConvexPolytope(steps=cfg.cp_steps, eps=0.1, coeff_steps=cfg.cp_coeff_steps,
+                                             dropout=True), list(f_subs)),
+            attack_names[2]: (ConvexPolytope(steps=cfg.cp_steps, eps=0.1, coeff_steps=cfg.cp_coeff_steps,
+                                             dropout=True), [*f_subs, f_vic]),
+            attack_names[3]: (FeatureCollision(steps=cfg.fc_steps, lr=0.01, beta=0.05), [f_vic]),
+            attack_names[4]: (FeatureCollision(steps=cfg.fc_steps, lr=0.01, beta=beta_paper), [f_vic]),
+        }
+        for a_cells in cells.values():
+            for cell in a_cells.values():
+                cell.success.append([])
+                cell.removed.append([])
+                cell.clean_removed.append([])
+        order = torch.randperm(len(PAIRS), generator=torch.Generator().manual_seed(seed + 2))[: cfg.pairs_per_seed]
+        for p_i in order.tolist():
+            t_cls, b_cls = PAIRS[p_i]
+            cands = held[(y[held] == t_cls) & correct]
+            target = x[cands[int(torch.randint(len(cands), (1,), generator=g))]]
+            positions = (y_ft == b_cls).nonzero().flatten()[:NUM_POISONS]  # fixed bases: the first five
             is_poison = torch.zeros(len(y_ft), dtype=torch.bool)
             is_poison[positions] = True
-            f_target = features(f, target[None])
-            for d_name in DEFENCES:
-                keep = _filter(d_name, feats, y_ft, seed=t_cls * 10 + b_cls)
-                victim = train_head(head, feats[keep], y_ft[keep], cfg.head_epochs, cfg.head_lr)
-                with torch.no_grad():
-                    hit = int(victim(f_target).argmax(1)) == b_cls
-                    acc = float((victim(f_held).argmax(1) == y[held]).float().mean())
-                tally = tallies[(a_name, d_name)]
-                tally.trials += 1
-                tally.success += int(hit)
-                tally.poisons_removed += int((~keep & is_poison).sum())
-                tally.clean_removed += int((~keep & ~is_poison).sum())
-                tally.accuracy.append(acc)
+            f_target = features(f_vic, target[None])
+            for a_name, (attack, extractors) in attacks.items():
+                poisons = x_ft[positions] if attack is None else attack(extractors, x_ft[positions], target)
+                if isinstance(attack, ConvexPolytope):
+                    moved = (poisons - x_ft[positions]).flatten(1).abs().amax(1)
+                    facts["unmoved"] = int(facts["unmoved"]) + int((moved == 0).sum())  # type: ignore[call-overload]
+                    facts["cp_poisons"] = int(facts["cp_poisons"]) + len(moved)  # type: ignore[call-overload]
+                feats = f_ft.clone()
+                feats[positions] = features(f_vic, poisons)
+                for d_name in DEFENCES:
+                    keep = _filter(d_name, feats, y_ft, seed=seed * 100 + p_i)
+                    victim_head = train_head(head, feats[keep], y_ft[keep], cfg.head_epochs, seed)
+                    with torch.no_grad():
+                        hit = int(victim_head(f_target).argmax(1)) == b_cls
+                    cell = cells[a_name][d_name]
+                    cell.success[-1].append(hit)
+                    cell.removed[-1].append(int((~keep & is_poison).sum()))
+                    cell.clean_removed[-1].append(int((~keep & ~is_poison).sum()))
+            print(f"seed {seed} pair {t_cls}->{b_cls}: " + ", ".join(
+                f"{a[:22]} {'hit' if cells[a]['none'].success[-1][-1] else 'miss'}" for a in attack_names), flush=True)
+    return cells, facts
 
-    facts = {"source": source, "pretrain": len(pre_idx), "held": len(held), "clean_acc": clean_acc,
-             "pairs": len(pairs), "cfg": cfg}
-    return tallies, facts
+
+def _pct(values: list[float]) -> str:
+    vals = [v for v in values if v == v]  # drop seeds without a successful attack (NaN)
+    if not vals:
+        return "n/a"
+    return mean_std([100 * v for v in vals], digits=1) + ("%" if len(vals) > 1 else "")
 
 
 def run(quick: bool = False) -> str:
     t_start = time.perf_counter()
-    cfg = (Settings(pretrain_epochs=1, pairs=PAIRS[:2], fc_steps=60, fc_paper_steps=30, cp_steps=60) if quick
-           else Settings())
-    tallies, facts = evaluate(cfg)
+    cfg = (Settings(seeds=(0,), pairs_per_seed=1, pretrain_epochs=1, cp_steps=5, cp_coeff_steps=5, fc_steps=5,
+                    head_epochs=2) if quick else Settings())
+    cells, facts = evaluate(cfg)
     rows = []
-    for (a_name, d_name), tl in tallies.items():
-        rows.append([a_name, d_name, f"{tl.success}/{tl.trials}",
-                     "-" if d_name == "none" else f"{100 * tl.poisons_removed / (NUM_POISONS * tl.trials):.0f}%",
-                     f"{tl.clean_removed / tl.trials:.1f}", f"{100 * float(np.mean(tl.accuracy)):.2f}%"])
-    headers = ["poisons", "defence", "target misclassified", "poisons removed (detection rate)",
-               "clean images removed (of 495)", "clean accuracy after fine-tuning"]
+    for a_name, a_cells in cells.items():
+        success = a_cells["none"].success  # undefended outcome decides which pairs count as successful attacks
+        for d_name, cell in a_cells.items():
+            per_seed_all = [sum(r) / (NUM_POISONS * len(r)) for r in cell.removed]
+            per_seed_succ = [sum(r for r, s in zip(rs, ss) if s) / (NUM_POISONS * sum(ss)) if any(ss) else float("nan")
+                             for rs, ss in zip(cell.removed, success)]
+            n_succ = sum(map(sum, success))
+            removed_succ = sum(r for rs, ss in zip(cell.removed, success) for r, s in zip(rs, ss) if s)
+            n_pairs = sum(map(len, cell.success))
+            rows.append([
+                a_name, d_name,
+                f"{sum(map(sum, cell.success))}/{n_pairs}",
+                "-" if d_name == "none" else (f"{removed_succ}/{NUM_POISONS * n_succ} ({_pct(per_seed_succ)})"
+                                              if n_succ else "no successful attack"),
+                "-" if d_name == "none" else f"{sum(map(sum, cell.removed))}/{NUM_POISONS * n_pairs} "
+                                             f"({_pct(per_seed_all)})",
+                mean_std([statistics.fmean(r) for r in cell.clean_removed], digits=1),
+            ])
+    headers = ["poisons", "defence", "target misclassified (pairs)",
+               "poisons removed, over successful attacks (per-seed mean ± std)",
+               "poisons removed, over all pairs (per-seed mean ± std)", "clean images removed (of 495)"]
+    accs = facts["victim_acc"]
+    assert isinstance(accs, list)
     return (
-        f"### Clean-label poisoning vs Deep k-NN, transfer learning on the {facts['source']}\n\n"
-        f"SmallCNN extractor trained on {facts['pretrain']} clean images (accuracy {100 * facts['clean_acc']:.1f}% "
-        f"on {facts['held']} held-out ones); last layer fine-tuned on {PER_CLASS} images per class with "
-        f"{NUM_POISONS} poisons; {facts['pairs']} target/base pairs per attack, white-box. Deep k-NN with k = "
-        f"{PER_CLASS} (examples per class); L2 outlier and random eviction remove {FRACTION:.0%} of each class; "
-        f"one-class SVM nu = {FRACTION}. The control row leaves the 5 chosen bases clean: its 'poisons removed' "
-        f"is the share of those (clean) near-target bases a filter drops anyway.\n\n"
+        f"### Deep k-NN vs clean-label poisons on the authors' protocol ({facts['source']}, seeds "
+        f"{list(cfg.seeds)}, {cfg.pairs_per_seed} target/base pairs per seed)\n\n"
+        f"Per seed: 4 substitute CNNs (dropout 0.2/0.3, on while crafting) and a separately trained victim CNN "
+        f"(accuracy {mean_std(accs)} on the held-out images) pre-trained on 5,000 clean images; victim's last "
+        f"layer retrained on {PER_CLASS} images per class including {NUM_POISONS} poisons on fixed bases (the first "
+        f"five of the base class). Convex polytope: the authors' algorithm against the substitute ensemble "
+        f"(black-box for the victim; grey-box row: the victim's extractor joins the ensemble), {cfg.cp_steps} "
+        f"steps (paper: 4,000), eps 0.1; {facts['unmoved']} of "
+        f"{facts['cp_poisons']} CP poisons left unchanged (L-inf 0). Feature collision: white-box on the victim, "
+        f"{cfg.fc_steps} steps; Shafahi et al.'s beta = 0.25 * 2048^2 / dim_b^2 for 0..255 pixels is "
+        f"{facts['beta_paper']:.3g} for [0, 1] pixels at dim_b = {facts['d_in']} (0.948 at the paper's "
+        f"299x299x3). Deep k-NN at normalized k = k / {PER_CLASS} in {{1, 1.5, 2}}; L2 outlier and random "
+        f"eviction remove {FRACTION:.0%} per class; one-class SVM nu = {FRACTION}. The control row leaves the "
+        f"bases clean (its 'removed' are false positives on the bases).\n\n"
         + markdown_table(headers, rows)
-        + f"\n\nPaper (CIFAR-10, ResNet-18 etc., 50 per class): over 99% of poisons detected for both attacks, no "
-        f"loss of accuracy. Run time {time.perf_counter() - t_start:.0f}s."
+        + "\n\nPeri et al. (CIFAR-10, convex polytope, counted over successful attacks): Deep k-NN removes 98.0% of "
+        f"the poisons at k = 50 over 102 runs and 100% at k >= 75. Run time {time.perf_counter() - t_start:.0f}s."
     )
 
+
+if __name__ == "__main__":
+    print(run(quick=True))

@@ -1,18 +1,6 @@
-"""``python -m lightning_robust``: the CLI, plus ``--version``."""
+"""``python -m lightning_robust``: the same command as the ``lightning-robust`` console script."""
 
-import sys
-
-from lightning_robust import __version__
-
-
-def _main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("--version", "-V"):
-        print(f"lightning-robust {__version__}")
-        return
-    from lightning_robust.cli import main
-
-    main()
-
+from lightning_robust.cli import main
 
 if __name__ == "__main__":
-    _main()
+    main()

@@ -49,3 +49,23 @@ def test_bad_argument_is_reported(tmp_path, capsys):
         LightningRobustCLI(args=["fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
                                  "--data.init_args.batch_size=-4", f"--trainer.default_root_dir={tmp_path}"])
     assert "batch_size must be a positive integer, got -4" in capsys.readouterr().err
+
+
+def test_test_subcommand_shows_the_evaluation_callbacks_metrics(tmp_path, capsys):
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"callbacks": [
+            {"class_path": "lightning_robust.callbacks.RobustnessEvaluation",
+             "init_args": {"attacks": {"pgd": {"class_path": "lightning_robust.attacks.PGD",
+                                               "init_args": {"eps": 0.1, "steps": 2}}},
+                           "num_samples": 32}},
+            {"class_path": "lightning_robust.callbacks.CertificationCallback",
+             "init_args": {"num_samples": 32, "log_histogram": False}},
+        ]},
+    }))
+    LightningRobustCLI(args=["test", "--config", str(REPO / "configs" / "quickstart.yaml"), "--config", str(config),
+                             "--trainer.limit_test_batches=1", f"--trainer.default_root_dir={tmp_path}",
+                             "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=32"])
+    shown = capsys.readouterr().out
+    for key in ("robust/clean_acc", "robust/pgd_acc", "cert/simplex/mean_radius"):
+        assert key in shown

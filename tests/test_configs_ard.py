@@ -44,7 +44,9 @@ def test_cifar10_config_builds_the_paper_setup(tmp_path):
     assert type(model.net).__name__ == "MobileNetV2" and type(model.teacher).__name__ == "WideResNet"
     assert model.attack.steps == 10 and model.attack.eps == pytest.approx(8 / 255)
     assert model.attack.alpha == pytest.approx(2 / 255)
-    assert (model.temperature, model.alpha, model.kl_reduction) == (30.0, 1.0, "batchmean")
+    # The authors' effective step: nn.KLDivLoss()'s element mean at their SGD lr, their train-mode attack.
+    assert (model.temperature, model.alpha, model.kl_reduction) == (30.0, 1.0, "mean")
+    assert model.attack_train_mode and model.train_attack.model_mode == "train"
     config = model.configure_optimizers()
     group = config["optimizer"].param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 2e-4)

@@ -26,6 +26,7 @@ from lightning_robust.utils.validation import check_choice, check_finite
 
 __all__ = [
     "COLOR_SPACES",
+    "cieluv_gamut_round_trip",
     "cieluv_to_rgb",
     "clip",
     "color_space",
@@ -155,6 +156,58 @@ def cieluv_to_rgb(luv: torch.Tensor, widen: bool = True) -> torch.Tensor:
     # XYZ is clamped to [0, 1.1] as in the authors' code (the white point has Z = 1.089): a dark colour
     # given a large chroma has a tiny v' and would otherwise get an unbounded X or Z.
     return xyz_to_rgb(clip(torch.stack([X, Y, Z], 1), 0.0, 1.1)).to(dtype)
+
+
+def _mix_planes(matrix: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # A 3x3 colour matrix on three separate planes: nine fused multiply-adds, no channel permutes.
+    m = matrix.tolist()
+    return tuple(  # type: ignore[return-value]
+        (a * row[0]).add_(b, alpha=row[1]).add_(c, alpha=row[2]) for row in m
+    )
+
+
+@torch.no_grad()
+def cieluv_gamut_round_trip(luv: torch.Tensor) -> torch.Tensor:
+    """``rgb_to_cieluv(cieluv_to_rgb(luv))`` in the input's precision, without gradients, in a few passes.
+
+    The same maths as the two conversions (``widen=False``), with two shortcuts that change nothing but
+    rounding: the sRGB gamma and its inverse cancel exactly (``srgb_to_linear(linear_to_srgb(l)) = l``
+    on ``[0, 1]``, the two branches meeting at ``l = 0.0031308``), so the round trip stays in linear RGB;
+    and every step works in place on the three channel planes. ReColorAdv projects its whole colour grid
+    through this after every step (16 x 32 x 32 nodes per image), where the two conversions' ~60
+    full-size temporaries and four powers per point dominated the attack. The result is closer to the
+    float64 round trip than the float32 conversions are, since two powers' rounding is gone.
+
+    Args:
+        luv: normalized CIELUV ``[B, 3, ...]`` (not checked for NaN: callers pass their own grids).
+    """
+    _check(luv)
+    L = luv[:, 0] * 100
+    l13 = (13 * L).clamp_min_(_TINY)
+    up = (luv[:, 1] * 200 - 100).div_(l13).add_(_UP_WHITE)
+    vp = (luv[:, 2] * 200 - 100).div_(l13).add_(_VP_WHITE)
+    del l13
+    vp4 = 4 * vp
+    vp4.masked_fill_(vp4.abs() < _TINY, _TINY)
+    # Y: the cube branch everywhere, then the linear branch where L <= 8.
+    Y = ((L.clamp_min(8) + 16) / 116).pow_(3)
+    Y = torch.where(L <= 8, L * (3 / 29) ** 3, Y).mul_(_Y_WHITE)
+    X = (9 * up).mul_(Y).div_(vp4)
+    Z = (12 - 3 * up).sub_(20 * vp).mul_(Y).div_(vp4)
+    del up, vp, vp4, L
+    X, Y, Z = _mix_planes(_XYZ_TO_SRGB, X.clamp_(0.0, 1.1), Y.clamp_(0.0, 1.1), Z.clamp_(0.0, 1.1))
+    X, Y, Z = _mix_planes(_SRGB_TO_XYZ, X.clamp_(0.0, 1.0), Y.clamp_(0.0, 1.0), Z.clamp_(0.0, 1.0))
+    denom = (X + 15 * Y).add_(3 * Z).clamp_min_(_TINY)
+    up = (4 * X).div_(denom).sub_(_UP_WHITE)
+    vp = (9 * Y).div_(denom).sub_(_VP_WHITE)
+    t = Y / _Y_WHITE
+    L = torch.where(t <= (6 / 29) ** 3, (29 / 3) ** 3 * t, t.clamp_min((6 / 29) ** 3).pow_(1 / 3).mul_(116).sub_(16))
+    out = torch.empty_like(luv)
+    torch.div(L, 100, out=out[:, 0])
+    out[:, 1] = up.mul_(13).mul_(L).add_(100).div_(200)
+    out[:, 2] = vp.mul_(13).mul_(L).add_(100).div_(200)
+    return out
 
 
 def rgb_to_yuv(x: torch.Tensor) -> torch.Tensor:

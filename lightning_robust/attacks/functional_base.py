@@ -145,6 +145,17 @@ def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr, maximize=True)
 
 
+class _InputsAs(nn.Module):
+    """``model`` fed its inputs cast to ``dtype`` (differentiably): a float32 chain in front of a half model."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model(z.to(self.dtype))
+
+
 def optimize_perturbations(
     model: nn.Module,
     x: torch.Tensor,
@@ -187,6 +198,12 @@ def optimize_perturbations(
     check_finite("x", x)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     check_choice("keep_best", keep_best, KEEP_BEST)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # Half-precision inputs: every component's parameters and the chain run on a float32 copy (Adam's
+        # eps 1e-8 underflows to 0 in float16, so a zero gradient became 0/0 = NaN, and steps of ~1e-3 vanish
+        # against bfloat16's resolution); the model sees its own dtype and the result comes back in x's.
+        return optimize_perturbations(_InputsAs(model, x.dtype), x.float(), y, components, objective, success,
+                                      steps, lr, optimizer, random_start, generator, keep_best).to(x.dtype)
     by_success = keep_best == "success"
     params = [c.init_params(x, random_start, generator).detach() for c in components]
     _project_chain(components, x, params)

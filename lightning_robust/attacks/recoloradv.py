@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lightning_robust.attacks.color_spaces import COLOR_SPACES, cieluv_to_rgb, clip, color_space, rgb_to_cieluv
+from lightning_robust.attacks.color_spaces import COLOR_SPACES, cieluv_gamut_round_trip, clip, color_space
 from lightning_robust.attacks.functional_base import FunctionalAttack, Perturbation, neighbour_smoothness
 from lightning_robust.utils.validation import check_choice, check_non_negative, check_positive_int
 
@@ -93,17 +93,19 @@ def project_color_grid(offsets: torch.Tensor, color_space_name: str, bounds: tor
         bounds: per-channel bounds broadcastable to ``offsets`` (``[1, 3, 1, 1, 1]``).
     """
     nodes = grid_node_positions(offsets.shape[2:], offsets.device, offsets.dtype).unsqueeze(0)
-    points = (nodes + offsets).clamp(0.0, 1.0)
+    points = (nodes + offsets).clamp_(0.0, 1.0)
     # The conversions work on [B, 3, ...] tensors of any trailing shape, so the grid goes through as is.
     if color_space_name == "cieluv":
-        # Every step converts the whole grid (49k points per image at the paper's resolution) twice: in
-        # the grid's own precision this is ~4x faster than the float64 default, and the final clamp
-        # keeps the bound exact whatever the rounding of the round trip.
-        points = rgb_to_cieluv(cieluv_to_rgb(points, widen=False), widen=False)
+        # Every step sends the whole grid (16k points per image at the paper's resolution) through the
+        # round trip: the fused one in the grid's own precision is ~4x faster than the two conversions
+        # in float32 (~16x than float64) and agrees with them within float32 rounding; the final clamp
+        # keeps the bound exact whatever that rounding.
+        points = cieluv_gamut_round_trip(points)
     else:
         from_rgb, to_rgb = color_space(color_space_name)
         points = from_rgb(to_rgb(points))
-    return torch.minimum(torch.maximum(points - nodes, -bounds), bounds)
+    # One clamp with tensor bounds: the same as minimum(maximum(.)), in one pass over the grid.
+    return (points - nodes).clamp_(-bounds, bounds)
 
 
 def color_grid_smoothness(offsets: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -199,9 +201,12 @@ class ReColorAdv(FunctionalAttack, Perturbation):
 
     def init_params(self, x: torch.Tensor, random: bool, generator: torch.Generator | None) -> torch.Tensor:
         shape = (x.shape[0], 3, *self.resolution)
+        # The grid is optimized in at least float32: Adam's eps (1e-8) underflows in float16, and offsets
+        # of ~1e-3 per step would vanish against bfloat16's resolution; apply() returns the input's dtype.
+        dtype = torch.promote_types(x.dtype, torch.float32)
         if not random:
-            return torch.zeros(shape, device=x.device, dtype=x.dtype)
-        u = torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype)
+            return torch.zeros(shape, device=x.device, dtype=dtype)
+        u = torch.rand(shape, generator=generator, device=x.device, dtype=dtype)
         return (2 * u - 1) * self._bounds(u)
 
     def _box(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,8 +228,8 @@ class ReColorAdv(FunctionalAttack, Perturbation):
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         from_rgb, to_rgb = color_space(self.color_space)
-        out = to_rgb(apply_color_offsets(from_rgb(x), params))
-        return clip(out, self.threat.low, self.threat.high)
+        out = to_rgb(apply_color_offsets(from_rgb(x).to(params.dtype), params))
+        return clip(out, self.threat.low, self.threat.high).to(x.dtype)
 
     def regularizer(self, params: torch.Tensor) -> torch.Tensor:
         return color_grid_smoothness(params)

@@ -13,18 +13,23 @@ SPGD perturbs word embeddings ``e_t = E[x_t]`` by ``r_t`` under two constraints:
   largest in the sentence by default), and at most ``max_words`` words keep one (the projection onto
   ``max_words``-sparse sequences keeps the rows whose projection removes the most squared distance).
 
-Each PGD step ascends the sequence-normalised loss gradient and projects; the perturbed sequence maps back to
-tokens by replacing word ``t`` with its chosen neighbour once ``e_t + r_t`` is closer to the neighbour than to
-``e_t`` (``s_t > dist_tk / 2``): the nearest of the two ends of the segment. Adversarial training (the paper's
-"interpretable adversarial training") adds the loss at ``E[x] + r`` for the continuous SPGD perturbation ``r``.
+Each PGD step ascends the sequence-normalised loss gradient and projects. The final perturbation maps back to
+tokens by the rule shared by every text attack (:meth:`~lightning_robust.attacks.text.TextAttack.round`): each
+word becomes the vocabulary word nearest to ``e_t + r_t`` (for SPGD's segments: the chosen neighbour once past
+the segment's midpoint, unless a third word is nearer still). Adversarial training (the paper's "interpretable
+adversarial training") adds the loss at ``E[x] + r`` for the continuous SPGD perturbation ``r``.
 
-:class:`EmbeddingPGD` is the unconstrained baseline (Miyato et al. 2017's embedding-space perturbation, iterated):
-an L2 ball of radius ``eps`` (in units of the mean word-embedding norm) on the whole sequence's perturbation,
-each perturbed embedding rounded to its nearest vocabulary embedding (Euclidean).
+The paper's baselines, implemented here with the same discretisation and stopping rules:
 
-The paper evaluates with a pretrained LSTM on IMDB; no public code is known, so the details above that the
-abstract leaves open (the segment cap, the relative threshold, the rounding rule, the per-step token check of
-:class:`~lightning_robust.attacks.text.TextAttack`) are this implementation's choices.
+* :class:`AdvTText` (Miyato et al. 2017): one sequence-normalised gradient step of L2 norm ``xi``, every word
+  perturbed;
+* :class:`IAdvTText` (Sato et al. 2018): one step along a signed, per-word L2-normalised combination of the
+  directions to each word's 10 nearest words by cosine similarity, normalised over the sentence, norm ``xi``;
+* :class:`EmbeddingPGD`: the iterated AdvT perturbation, an L2 ball of radius ``eps`` (in units of the mean
+  word-embedding norm) on the whole sequence's perturbation.
+
+The SPGD paper evaluates with a pretrained LSTM on IMDB; no public code is known, so the details above that the
+abstract leaves open (the segment cap, the relative threshold) are this implementation's choices.
 """
 
 from __future__ import annotations
@@ -39,8 +44,11 @@ from lightning_robust.utils.validation import check_choice, check_non_negative, 
 
 __all__ = [
     "SPGD",
+    "AdvTText",
     "EmbeddingPGD",
+    "IAdvTText",
     "cached_neighbours",
+    "nearest_other_distance",
     "nearest_tokens",
     "neighbour_directions",
     "project_onto_neighbours",
@@ -117,6 +125,24 @@ def cached_neighbours(embeddings: torch.Tensor, token_ids: torch.Tensor, k: int,
     diff = embeddings[nbr] - embeddings[token_ids].unsqueeze(1)
     dirs = (diff / dist.clamp_min(1e-12).unsqueeze(-1)).masked_fill((dist <= 0).unsqueeze(-1), 0.0)
     return nbr, dirs, dist
+
+
+def nearest_other_distance(embeddings: torch.Tensor, token_ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``[N]`` Euclidean distance from each token's embedding to the nearest *other* allowed embedding (cached
+    per token like :func:`cached_neighbours`); a perturbation shorter than half of it cannot change the word."""
+    uniq, inverse = torch.unique(token_ids, return_inverse=True)
+    E = embeddings
+    entry = _cache_for(E, "nn_dist", 1, allowed)
+    missing = uniq[~entry["known"][uniq]]
+    if missing.numel():
+        d2 = (E[missing] * E[missing]).sum(1, keepdim=True) - 2 * E[missing] @ E.T + (E * E).sum(1).unsqueeze(0)
+        d2 = d2.masked_fill(~allowed.unsqueeze(0), float("inf"))
+        d2[torch.arange(len(missing), device=E.device), missing] = float("inf")
+        if "nn_dist" not in entry:
+            entry["nn_dist"] = torch.zeros(E.shape[0], dtype=E.dtype, device=E.device)
+        entry["nn_dist"][missing] = d2.clamp_min(0).min(dim=1).values.sqrt()
+        entry["known"][missing] = True
+    return entry["nn_dist"][uniq][inverse]
 
 
 def project_onto_neighbours(r: torch.Tensor, directions: torch.Tensor, distances: torch.Tensor | None = None,
@@ -239,7 +265,7 @@ class SPGD(TextAttack):
         targeted: bool = False,
         model_mode: str = "eval",
         random_start: bool = False,
-        early_stop: bool = True,
+        early_stop: bool = False,
         protected_ids: Sequence[int] = (),
     ) -> None:
         super().__init__(steps=steps, alpha=alpha, loss=loss, targeted=targeted, model_mode=model_mode,
@@ -281,21 +307,6 @@ class SPGD(TextAttack):
     def project(self, r: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
         return self._project_full(r, ctx)[0]
 
-    def round(self, r: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
-        # r is already projected: each kept row is s * d_k for one neighbour k; recover k and s.
-        free, ids = ctx["free"], ctx["input_ids"]
-        out = ids.clone()
-        if not bool(free.any()):
-            return out
-        rf = r[free]
-        a = torch.einsum("nd,nkd->nk", rf, ctx["dirs"])
-        length, k = a.max(dim=1)
-        dist = ctx["dist"].gather(1, k.unsqueeze(1)).squeeze(1)
-        cross = (length > dist / 2) & (dist > 0)
-        target = ctx["nbr"].gather(1, k.unsqueeze(1)).squeeze(1)
-        out[free] = torch.where(cross, target, ids[free])
-        return out
-
 
 class EmbeddingPGD(TextAttack):
     """Unconstrained embedding-space PGD with nearest-neighbour rounding (the SPGD paper's baseline family).
@@ -322,7 +333,7 @@ class EmbeddingPGD(TextAttack):
         targeted: bool = False,
         model_mode: str = "eval",
         random_start: bool = False,
-        early_stop: bool = True,
+        early_stop: bool = False,
         protected_ids: Sequence[int] = (),
     ) -> None:
         super().__init__(steps=steps, alpha=alpha, loss=loss, targeted=targeted, model_mode=model_mode,
@@ -331,21 +342,7 @@ class EmbeddingPGD(TextAttack):
 
     def prepare(self, embeddings: torch.Tensor, input_ids: torch.Tensor, free: torch.Tensor,
                 allowed: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:
-        # Distance from each token to its nearest other allowed embedding: a word cannot round to another
-        # token before its perturbation is half that long, which spares most of the nearest-token searches.
-        uniq, inverse = torch.unique(input_ids[free], return_inverse=True)
-        E = embeddings
-        entry = _cache_for(E, "nn_dist", 1, allowed)
-        missing = uniq[~entry["known"][uniq]]
-        if missing.numel():
-            d2 = (E[missing] * E[missing]).sum(1, keepdim=True) - 2 * E[missing] @ E.T + (E * E).sum(1).unsqueeze(0)
-            d2 = d2.masked_fill(~allowed.unsqueeze(0), float("inf"))
-            d2[torch.arange(len(missing), device=E.device), missing] = float("inf")
-            if "nn_dist" not in entry:
-                entry["nn_dist"] = torch.zeros(E.shape[0], dtype=E.dtype, device=E.device)
-            entry["nn_dist"][missing] = d2.clamp_min(0).min(dim=1).values.sqrt()
-            entry["known"][missing] = True
-        return {"nn_dist": entry["nn_dist"][uniq][inverse]}
+        return {}
 
     def project(self, r: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
         r = r * ctx["free"].unsqueeze(-1)
@@ -353,16 +350,105 @@ class EmbeddingPGD(TextAttack):
         n = r.flatten(1).norm(dim=1)
         return r * torch.where(n > budget, budget / n.clamp_min(1e-12), torch.ones_like(n)).view(-1, 1, 1)
 
-    def round(self, r: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
-        free, ids, E = ctx["free"], ctx["input_ids"], ctx["E"]
-        out = ids.clone()
-        if not bool(free.any()):
-            return out
-        rf = r[free]
-        may = rf.norm(dim=1) >= ctx["nn_dist"] / 2 - 1e-6
-        if bool(may.any()):
-            orig = ids[free]
-            new = orig.clone()
-            new[may] = nearest_tokens(E[orig[may]] + rf[may], E, orig[may], ctx["allowed"])
-            out[free] = new
+
+class AdvTText(TextAttack):
+    """AdvT-Text: the adversarial perturbation in word-embedding space of Miyato et al. 2017 (arXiv 1605.07725).
+
+    One gradient step, normalised over the whole sequence (all words together, Miyato et al.'s ``_scale_l2``):
+    ``r = xi * s * g / ||g||_2`` with ``g = grad_r L(E[x] + r, y)`` at ``r = 0`` and ``s`` the mean norm of the
+    sequence's word embeddings, so ``||r||_2 = xi * s`` over the sequence and every word is perturbed. As
+    adversarial training (``TextClassifier(attack=AdvTText(...))``) the gradient is taken in train mode, dropout
+    on, as in the authors' code; as an attack it is rounded to words like every attack here
+    (:meth:`~lightning_robust.attacks.text.TextAttack.round`).
+
+    ``xi`` is in units of the mean word-embedding norm so that it carries across embedding tables: Miyato et
+    al.'s ``perturb_norm_length = 5`` applies to their frequency-normalised 256-d embeddings, Sato et al.'s
+    reimplementation uses ``xi = 5`` on unnormalised 256-d LM embeddings; neither value transfers to GloVe-50d
+    as is, so benchmarks sweep ``xi``.
+
+    Args:
+        xi: the perturbation's L2 norm over the sequence, in units of the mean word-embedding norm.
+        loss, targeted, model_mode, early_stop, protected_ids: see
+            :class:`~lightning_robust.attacks.text.TextAttack` (one step, no random start).
+
+    Raises:
+        ValueError: a non-positive ``xi``.
+
+    Example:
+        >>> res = AdvTText(xi=1.0)(net, ids, labels, mask)
+        >>> r = AdvTText(xi=1.0).embedding_perturbation(net, ids, labels, mask, model_mode="train")
+    """
+
+    def __init__(self, xi: float = 1.0, loss: str = "ce", targeted: bool = False, model_mode: str = "eval",
+                 early_stop: bool = False, protected_ids: Sequence[int] = ()) -> None:
+        xi = float(check_positive("xi", xi))
+        super().__init__(steps=1, alpha=xi, loss=loss, targeted=targeted, model_mode=model_mode,
+                         random_start=False, early_stop=early_stop, protected_ids=protected_ids)
+        self.xi = xi
+
+    def prepare(self, embeddings: torch.Tensor, input_ids: torch.Tensor, free: torch.Tensor,
+                allowed: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:
+        return {}
+
+    def project(self, r: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        return r * ctx["free"].unsqueeze(-1)
+
+
+class IAdvTText(TextAttack):
+    """iAdvT-Text: the interpretable adversarial perturbation of Sato et al. 2018 (arXiv 1805.02917).
+
+    Each word ``t`` may only move along the unit directions ``d_tk = (E[v_k] - e_t) / ||E[v_k] - e_t||`` to its
+    ``K`` nearest vocabulary words ``v_k`` by cosine similarity (``K = 10`` in the paper and its code): ``r_t =
+    sum_k alpha_tk d_tk``. Following the authors' Chainer code (``aonotas/interpretable-adv``, ``train.py`` and
+    ``nets.py``), one step from ``alpha = 0``:
+
+    * ``a_tk = dL/d alpha_tk = <g_t, d_tk>`` with ``g_t`` the loss gradient at word ``t``'s embedding;
+    * the weights are L2-normalised over the ``K`` neighbours of each word (``F.normalize(grad, axis=1)``):
+      ``w_t = a_t / ||a_t||_2`` (signed; zero when ``a_t = 0``), and ``u_t = sum_k w_tk d_tk``;
+    * the perturbation is normalised over the whole sentence and scaled by ``xi`` (``norm_sentence_level=1``):
+      ``r = xi * s * u / ||u||_2``, ``s`` being the mean word-embedding norm of the sentence (our unit, see
+      :class:`AdvTText`), so every word is perturbed and ``||r||_2 = xi * s``.
+
+    Differences from the authors' code: the directions come from the embedding table itself (their code takes
+    them from the dropped-out embeddings in train mode), and the neighbours exclude padding, special and
+    protected tokens. Rounded to words like every attack (:meth:`~lightning_robust.attacks.text.TextAttack.round`).
+
+    Args:
+        xi: the perturbation's L2 norm over the sentence, in units of the mean word-embedding norm.
+        num_neighbours: ``K``.
+        loss, targeted, model_mode, early_stop, protected_ids: see
+            :class:`~lightning_robust.attacks.text.TextAttack` (one step, no random start).
+
+    Raises:
+        ValueError: a non-positive ``xi`` or ``num_neighbours``.
+
+    Example:
+        >>> res = IAdvTText(xi=1.0, num_neighbours=10)(net, ids, labels, mask)
+    """
+
+    def __init__(self, xi: float = 1.0, num_neighbours: int = 10, loss: str = "ce", targeted: bool = False,
+                 model_mode: str = "eval", early_stop: bool = False, protected_ids: Sequence[int] = ()) -> None:
+        xi = float(check_positive("xi", xi))
+        super().__init__(steps=1, alpha=xi, loss=loss, targeted=targeted, model_mode=model_mode,
+                         random_start=False, early_stop=early_stop, protected_ids=protected_ids)
+        self.xi = xi
+        self.num_neighbours = check_positive_int("num_neighbours", num_neighbours)
+
+    def prepare(self, embeddings: torch.Tensor, input_ids: torch.Tensor, free: torch.Tensor,
+                allowed: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:
+        uniq, inverse = torch.unique(input_ids[free], return_inverse=True)
+        _, dirs, _ = cached_neighbours(embeddings, uniq, self.num_neighbours, allowed)
+        return {"dirs": dirs[inverse]}
+
+    def direction(self, g: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        free = ctx["free"]
+        out = torch.zeros_like(g)
+        if bool(free.any()):
+            dirs = ctx["dirs"]
+            a = torch.einsum("nd,nkd->nk", g[free], dirs)
+            w = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            out[free] = torch.einsum("nk,nkd->nd", w, dirs)
         return out
+
+    def project(self, r: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        return r * ctx["free"].unsqueeze(-1)

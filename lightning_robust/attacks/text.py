@@ -4,10 +4,17 @@ A :class:`TextAttack` holds hyper-parameters only. ``attack(model, input_ids, y,
 
 * runs gradient steps on a perturbation ``r`` of the input word embeddings ``E[input_ids]`` (the model must
   expose ``get_input_embeddings()`` and accept ``inputs_embeds=``, like Hugging Face models and our text nets),
-  projecting after each step onto the attack's constraint set;
-* maps the perturbed embeddings back to real vocabulary tokens (never padding or special tokens, never at
-  padded or special positions) and checks, after every step, whether those *tokens* fool the model; a sample
-  keeps the first token sequence that does (the fewest steps, hence usually the fewest changed words);
+  projecting after each step onto the attack's constraint set (the subclass's :meth:`~TextAttack.project`;
+  one-step attacks such as AdvT-Text and iAdvT-Text take a single step);
+* turns the perturbation into words by **one discretisation rule, the same for every attack**
+  (:meth:`TextAttack.round`): each perturbable word ``t`` becomes the allowed vocabulary token whose embedding is
+  nearest (Euclidean) to ``E[x_t] + r_t``; the original word wins ties, so an unperturbed word never changes.
+  Padding, special and protected tokens are never produced, nor are padded or special positions changed;
+* applies **one stopping rule, the same for every attack** (``early_stop``, default ``False``): the attack runs
+  all its steps and only its *final* perturbation is rounded; the review counts as a success when those tokens
+  fool the model. With ``early_stop=True`` (for every attack alike) the perturbation is rounded after each step
+  and a review keeps the first token sequence that fools the model. A comparison of "words changed" between
+  methods is then a comparison of the methods' perturbations, not of their stopping rules;
 * runs the model in eval mode by default (``model_mode``) and restores every submodule's training flag; input
   gradients come from ``torch.autograd.grad``, so parameters' ``.grad`` are untouched; works under
   ``torch.no_grad()`` and ``torch.inference_mode()``; randomness (``random_start``) comes from ``generator``;
@@ -19,7 +26,8 @@ a box, and it returns a structured result rather than a perturbed tensor; it sha
 (:func:`~lightning_robust.attacks.attack_loss`) and the mode handling (:func:`~lightning_robust.attacks.model_mode`).
 
 ``embedding_perturbation(...)`` returns the continuous perturbation instead (for adversarial training in
-embedding space, Miyato et al. 2017).
+embedding space, Miyato et al. 2017); its ``model_mode=`` overrides the attack's (adversarial training computes
+the perturbation in train mode, dropout on, as Miyato et al. and Sato et al. do).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from torch import nn
 
 from lightning_robust.attacks.base import LOSSES, attack_loss
 from lightning_robust.utils.modules import MODEL_MODES, model_mode
+from lightning_robust.utils.modules import model_mode as model_mode_ctx  # the argument of the same name shadows it
 from lightning_robust.utils.validation import check_choice, check_positive, check_positive_int
 
 __all__ = ["TextAttack", "TextAttackResult", "model_logits"]
@@ -65,8 +74,8 @@ class TextAttackResult:
         success: ``[B]`` bool, the adversarial tokens are misclassified (targeted: classified as the target).
             Samples that were already misclassified count as successes with no change.
         clean_correct: ``[B]`` bool, the clean input was classified correctly (untargeted) / not as the target.
-        steps: ``[B]`` the step (1-based) at which the tokens first fooled the model; 0 = already fooled,
-            -1 = never.
+        steps: ``[B]`` the step (1-based) at which the tokens fooled the model (with ``early_stop``: first
+            fooled; without: the last step); 0 = already fooled, -1 = never.
         perturbation: ``[B, L, D]`` the final continuous embedding perturbation.
         text, original_text: decoded adversarial and clean texts (when a tokenizer was passed).
     """
@@ -131,12 +140,13 @@ class TextAttack(ABC):
         targeted: ``y`` holds target classes.
         model_mode: ``"eval"`` (default), ``"train"`` or ``"keep"``.
         random_start: start from a random perturbation of one step's length (projected), drawn from ``generator``.
-        early_stop: stop attacking a sample once its tokens fool the model (keeps the fewest changes).
+        early_stop: round after every step and stop attacking a sample once its tokens fool the model; default
+            ``False``: round only the final perturbation (see the module docstring: one rule for every attack).
         protected_ids: token ids never perturbed nor produced, added to the model's ``special_token_ids``.
     """
 
     def __init__(self, steps: int = 10, alpha: float = 0.25, loss: str = "ce", targeted: bool = False,
-                 model_mode: str = "eval", random_start: bool = False, early_stop: bool = True,
+                 model_mode: str = "eval", random_start: bool = False, early_stop: bool = False,
                  protected_ids: Sequence[int] = ()) -> None:
         self.steps = check_positive_int("steps", steps)
         self.alpha = float(check_positive("alpha", alpha))
@@ -165,9 +175,32 @@ class TextAttack(ABC):
     def project(self, r: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
         """Project the perturbation ``r`` [B, L, D] onto the constraint set (zero outside ``free``)."""
 
-    @abstractmethod
+    def direction(self, g: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        """The ascent direction [B, L, D] made of the loss gradient ``g`` (zero outside ``free``); the step
+        normalises it over the whole sequence. Default: the gradient itself."""
+        return g
+
     def round(self, r: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
-        """Map ``E[input_ids] + r`` back to token ids [B, L]."""
+        """The discretisation rule shared by every attack: each free word becomes the allowed token whose
+        embedding is nearest (Euclidean) to ``E[x_t] + r_t`` (the original on ties); returns ids [B, L]."""
+        free, ids, E = ctx["free"], ctx["input_ids"], ctx["E"]
+        out = ids.clone()
+        if not bool(free.any()):
+            return out
+        from lightning_robust.attacks.spgd import nearest_other_distance, nearest_tokens
+
+        rf = r[free]
+        # A word whose perturbation is shorter than half the distance to its nearest other allowed token is
+        # strictly nearer to itself than to any token: only the others need the vocabulary-wide search.
+        if "nn_dist" not in ctx:  # computed on first rounding only (adversarial training never rounds)
+            ctx["nn_dist"] = nearest_other_distance(E, ids[free], ctx["allowed"])
+        may = rf.norm(dim=1) >= ctx["nn_dist"] / 2 - 1e-6
+        if bool(may.any()):
+            orig = ids[free]
+            new = orig.clone()
+            new[may] = nearest_tokens(E[orig[may]] + rf[may], E, orig[may], ctx["allowed"])
+            out[free] = new
+        return out
 
     # ---- the loop -----------------------------------------------------------------------------------
     def validate(self, model: nn.Module, input_ids: torch.Tensor, y: torch.Tensor,
@@ -217,7 +250,7 @@ class TextAttack(ABC):
         logits = model_logits(model, inputs_embeds=e0 + r, attention_mask=mask)
         loss = attack_loss(logits, y, self.loss, self.targeted)
         (g,) = torch.autograd.grad(loss.sum(), r)
-        g = g * free.unsqueeze(-1)
+        g = self.direction(g * free.unsqueeze(-1), ctx) * free.unsqueeze(-1)
         gnorm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
         step = (self.alpha * scale / gnorm * active).view(-1, 1, 1)
         return self.project(r.detach() + step * g, ctx)
@@ -233,11 +266,14 @@ class TextAttack(ABC):
 
     def embedding_perturbation(self, model: nn.Module, input_ids: torch.Tensor, y: torch.Tensor,
                                attention_mask: torch.Tensor | None = None, *,
-                               generator: torch.Generator | None = None) -> torch.Tensor:
+                               generator: torch.Generator | None = None,
+                               model_mode: str | None = None) -> torch.Tensor:
         """The continuous perturbation ``r`` [B, L, D] after ``steps`` projected steps (no rounding, no early
-        stop): train on ``model(inputs_embeds=E[input_ids] + r)`` for embedding-space adversarial training."""
+        stop): train on ``model(inputs_embeds=E[input_ids] + r)`` for embedding-space adversarial training.
+        ``model_mode`` (default: the attack's own) sets the mode the gradients are taken in."""
         emb = self.validate(model, input_ids, y, attention_mask)
-        with (torch.inference_mode(False), torch.enable_grad(), model_mode(model, self.model_mode),
+        mode = self.model_mode if model_mode is None else check_choice("model_mode", model_mode, MODEL_MODES)
+        with (torch.inference_mode(False), torch.enable_grad(), model_mode_ctx(model, mode),
               _no_cudnn(input_ids.device)):
             input_ids, y = input_ids.clone(), y.clone().long()
             e0, mask, free, ctx = self._setup(model, emb, input_ids, attention_mask)
@@ -270,18 +306,26 @@ class TextAttack(ABC):
                 if not bool(active.any()):
                     break
                 r = self._step(model, e0, r, mask, y, free, ctx["scale"], active.to(e0.dtype), ctx)
-                cand = self.round(r, ctx)
-                with torch.no_grad():
-                    won = self._fooled(model_logits(model, input_ids=cand, attention_mask=mask), y) & active
-                best[won] = cand[won]
-                steps_taken[won] = step
-                success |= won
                 if self.early_stop:
+                    cand = self.round(r, ctx)
+                    with torch.no_grad():
+                        won = self._fooled(model_logits(model, input_ids=cand, attention_mask=mask), y) & active
+                    best[won] = cand[won]
+                    steps_taken[won] = step
+                    success |= won
                     active &= ~won
-            # Samples never fooled report the last attempt's tokens (marked unsuccessful).
+            # The final perturbation's tokens: the result without early stopping, and the last attempt (marked
+            # unsuccessful) of the samples never fooled with it.
             last = self.round(r, ctx)
+            if not self.early_stop:
+                with torch.no_grad():
+                    won = self._fooled(model_logits(model, input_ids=last, attention_mask=mask), y) & active
+                steps_taken[won] = self.steps
+                success |= won
             never = ~success
             best[never] = last[never]
+            if not self.early_stop:
+                best[won] = last[won]
         changed = (best != input_ids) & mask.bool()
         result = TextAttackResult(input_ids=best.detach(), original_ids=input_ids, attention_mask=mask,
                                   changed=changed, success=success, clean_correct=~fooled, steps=steps_taken,

@@ -12,6 +12,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from lightning_robust.callbacks.evaluation_callback import EvaluationCallback
 from lightning_robust.metrics.image_quality import ClassifierFeatures, PrecomputedFeatures
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.checkpoint import load_module
@@ -31,8 +32,13 @@ def _latent_shape(pl_module: pl.LightningModule) -> tuple[int, ...]:
                     "GANEvaluation cannot draw latents for it")
 
 
-class GANEvaluation(pl.Callback):
-    """Log FID, KID and Inception Score of the module's generator every ``every_n_epochs`` training epochs.
+class GANEvaluation(EvaluationCallback):
+    """Log FID, KID and Inception Score of the module's generator during fit, in validate and in test.
+
+    During fit it evaluates at the end of training epochs ``n-1, 2n-1, ...`` (``every_n_epochs=n``; 0: never
+    during fit); ``trainer.validate`` and ``trainer.test`` evaluate at the end of their loop, so the values
+    are in the dicts they return. ``setup`` checks (before the first step) that the module can draw latents
+    and that the datamodule has the ``real_split`` loader.
 
     The feature network is a classifier trained on the same data (Inception-v3 weights are not available
     offline), so the metrics are logged as ``<prefix>/fid_<feature_name>``, ``<prefix>/kid_<feature_name>``
@@ -60,11 +66,12 @@ class GANEvaluation(pl.Callback):
         num_fake: number of generated images (``None``: as many as real images).
         kid: also log KID (``kid_subsets`` subsets of ``kid_subset_size``, capped at the sample counts).
         inception_score: also log the Inception Score from the classifier's logits (``is_splits`` splits).
-        every_n_epochs: evaluate after every n-th training epoch (and after the last one).
+        every_n_epochs: during fit, evaluate after training epochs ``n-1, 2n-1, ...`` (0: never during fit).
         use_ema: score the EMA generator when the module keeps one.
         batch_size: generation / feature batch size.
         seed: seed of the latents and of KID's / IS's random subsets.
         prefix: metric name prefix.
+        prog_bar: show the numbers in the progress bar.
 
     Raises:
         ValueError: on invalid numbers or split names, or a missing feature layer.
@@ -95,13 +102,14 @@ class GANEvaluation(pl.Callback):
         batch_size: int = 256,
         seed: int = 0,
         prefix: str = "val",
+        prog_bar: bool = False,
     ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs, prefix=prefix, net=None, num_samples=None,
+                         prog_bar=prog_bar)
         check_seed("seed", seed)
-        super().__init__()
         check_choice("real_split", real_split, ("val", "train", "test"))
         for name, value in (("kid_subsets", kid_subsets), ("kid_subset_size", kid_subset_size),
-                            ("is_splits", is_splits), ("every_n_epochs", every_n_epochs),
-                            ("batch_size", batch_size)):
+                            ("is_splits", is_splits), ("batch_size", batch_size)):
             check_positive_int(name, value)
         for name, opt in (("max_real", max_real), ("num_fake", num_fake)):
             if opt is not None:
@@ -115,8 +123,8 @@ class GANEvaluation(pl.Callback):
         self.real_split, self.max_real, self.num_fake = real_split, max_real, num_fake
         self.kid_subsets, self.kid_subset_size, self.is_splits = kid_subsets, kid_subset_size, is_splits
         self.use_kid = kid
-        self.every_n_epochs, self.use_ema, self.batch_size = every_n_epochs, use_ema, batch_size
-        self.seed, self.prefix = seed, prefix
+        self.use_ema, self.batch_size = use_ema, batch_size
+        self.seed = seed
         self.fid: FrechetInceptionDistance | None = None
         self.kid: KernelInceptionDistance | None = None
         self.inception: InceptionScore | None = None
@@ -149,22 +157,27 @@ class GANEvaluation(pl.Callback):
             self.inception = InceptionScore(feature=PrecomputedFeatures(self.logits.num_features),
                                             splits=self.is_splits).to(device)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    uses_subset = False
+    fit_hook = "train"
+
+    def check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _latent_shape(pl_module)  # TypeError naming what the module lacks
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None or not callable(getattr(dm, f"{self.real_split}_dataloader", None)):
+            raise ValueError(f"GANEvaluation reads real images from trainer.datamodule.{self.real_split}_dataloader() "
+                             f"(real_split={self.real_split!r}); run the Trainer with a datamodule that has one, or "
+                             "set real_split to a split it has")
         self._build(pl_module.device)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        if epoch % self.every_n_epochs and not last:
-            return
-        values = self.evaluate(trainer, pl_module)
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule,  # type: ignore[override]
+                 data: tuple[torch.Tensor, torch.Tensor] | None = None, stage: str = "fit") -> dict[str, float]:
+        """Score the module's generator now; every rank must call this (it synchronises). Returns the values."""
+        values = self.score(trainer, pl_module)
         names = self.metric_names()
-        for key, value in values.items():
-            if key in names:
-                # identical on every rank already; sync_dist only keeps Lightning from warning (mean of equals)
-                pl_module.log(names[key], value, on_step=False, on_epoch=True, sync_dist=True)
+        prefix = f"{self.prefix}/"
+        logged = {names[k][len(prefix):]: v for k, v in values.items() if k in names}
+        self.log_metrics(pl_module, logged, batch_size=self.num_fake or self._n_real)
+        return values
 
     # ---- the evaluation --------------------------------------------------------------------------------
     def _real_loader(self, trainer: pl.Trainer) -> Any:
@@ -218,8 +231,8 @@ class GANEvaluation(pl.Callback):
                 self.inception.update(self.logits(fake))
         pl_module.train(was_training)
 
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Score the module's generator now; every rank must call this (it synchronises). Returns the values."""
+    def score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """FID / KID / IS of the module's generator now; every rank must call this (it synchronises)."""
         self._build(pl_module.device)
         assert self.fid is not None
         rank, world = trainer.global_rank, trainer.world_size

@@ -9,13 +9,13 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from lightning_robust.callbacks.evaluation_callback import EvaluationCallback, renamed_argument
 from lightning_robust.interpret.saliency import (
     certified_topk_intersection,
     gradient_saliency,
     smoothgrad,
     sparsified_smoothgrad,
 )
-from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.image_logging import log_image
 from lightning_robust.utils.plotting import image_grid
 from lightning_robust.utils.validation import (
@@ -35,39 +35,44 @@ def _to_unit(maps: torch.Tensor) -> torch.Tensor:
     return a / a.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
 
-class SaliencyCertification(pl.Callback):
-    """At the end of validation epochs, certify the saliency maps of a few validation inputs.
+class SaliencyCertification(EvaluationCallback):
+    """In validation and test, certify the saliency maps of a few inputs of the shared evaluated subset.
 
-    The first ``num_samples`` validation inputs each process sees are explained by sparsified SmoothGrad
-    (Levine et al., arXiv 1905.12105); :func:`~lightning_robust.interpret.certified_topk_intersection`
-    turns each map into the number of its top-k pixels guaranteed to stay top-k under any L2 perturbation
-    of each radius. Logged (averaged over samples and processes): ``saliency/certified_topk@<r>`` (fraction
-    of ``k``) for each radius. On global rank 0 an image grid (inputs; gradient; SmoothGrad; sparsified
-    SmoothGrad) goes to the logger and to ``<log_dir>/images`` via :func:`~lightning_robust.utils.log_image`.
+    The first ``num_samples`` inputs of the evaluation subset (shared with the other evaluation callbacks)
+    are explained by sparsified SmoothGrad (Levine et al., arXiv 1905.12105);
+    :func:`~lightning_robust.interpret.certified_topk_intersection` turns each map into the number of its
+    top-k pixels guaranteed to stay top-k under any L2 perturbation of each radius. Logged (averaged over
+    samples and processes): ``{prefix}/certified_topk@<r>`` (fraction of ``k``) for each radius. On global
+    rank 0 an image grid (inputs; gradient; SmoothGrad; sparsified SmoothGrad) goes to the logger and to
+    ``<log_dir>/images`` via :func:`~lightning_robust.utils.log_image`.
 
-    Works on any LightningModule whose ``forward`` (or the submodule named by ``model_attr``) maps images
-    to logits; the map explains the predicted class. Inputs come from ``batch[0]`` / ``split_batch``.
+    Works on any LightningModule whose ``forward`` (or the submodule named by ``net``) maps images to
+    logits; the map explains the predicted class. ``setup`` checks ``net`` before the first step.
 
     Args:
         radii: L2 radii to certify (pixel units), each >= 0.
-        num_samples: validation inputs per process.
+        num_samples: inputs to explain (over all processes).
         n_samples: noise draws per input (the paper: 8192; more draws shrink the Hoeffding error).
         sigma: smoothing noise standard deviation.
         tau: sparsification parameter (fraction of pixels set to 1 per draw).
         k_fraction: ``k / d`` of the certified top-k set (the paper: 0.2).
         confidence: probability with which the sampling correction holds.
         batch_size: most noisy inputs per forward pass.
-        every_n_epochs: certify every this many epochs (1 = every epoch).
+        every_n_epochs: during fit, certify after epochs ``n-1, 2n-1, ...`` (0: never during fit).
         log_images: also log the saliency grid.
         seed: seed of the noise (the same draws every epoch, so curves compare the model, not the noise).
-        model_attr: dotted name of the submodule to explain (``None``: the LightningModule itself).
+        net: dotted name of the submodule to explain (``None``: the LightningModule itself).
+        prefix: first component of the logged names.
+        prog_bar: show the numbers in the progress bar.
+        model_attr: deprecated name of ``net``.
 
     Raises:
-        ValueError: on an empty or negative radius list or any invalid count, scale or fraction.
+        ValueError: on an empty or negative radius list or any invalid count, scale or fraction; in
+            ``setup``, on a ``net`` that is not a submodule (never a bare ``AttributeError``).
 
     Example:
         >>> cb = SaliencyCertification(radii=(0.05, 0.1), num_samples=8, n_samples=512, sigma=0.15)
-        >>> pl.Trainer(callbacks=[cb]).fit(model, datamodule=dm)
+        >>> pl.Trainer(callbacks=[cb]).test(model, datamodule=dm)[0]["saliency/certified_topk@0.1"]
     """
 
     def __init__(
@@ -83,57 +88,48 @@ class SaliencyCertification(pl.Callback):
         every_n_epochs: int = 1,
         log_images: bool = True,
         seed: int = 0,
+        net: str | None = None,
+        prefix: str = "saliency",
+        prog_bar: bool = False,
         model_attr: str | None = None,
     ) -> None:
+        net = renamed_argument("SaliencyCertification", "model_attr", model_attr, "net", net, None)
+        super().__init__(every_n_epochs=every_n_epochs, prefix=prefix, net=net, num_samples=num_samples,
+                         prog_bar=prog_bar)
         check_seed("seed", seed)
         radii = [float(r) for r in radii]
         if not radii:
             raise ValueError("radii must list at least one L2 radius")
         for r in radii:
             check_non_negative("radii", r)
-        check_positive_int("num_samples", num_samples)
         check_positive_int("n_samples", n_samples)
         check_positive("sigma", sigma)
         check_fraction("tau", tau, inclusive_low=False, inclusive_high=True)
         check_fraction("k_fraction", k_fraction, inclusive_low=False, inclusive_high=True)
         check_fraction("confidence", confidence)
         check_positive_int("batch_size", batch_size)
-        check_positive_int("every_n_epochs", every_n_epochs)
         self.radii = radii
-        self.num_samples = num_samples
         self.n_samples = n_samples
         self.sigma = float(sigma)
         self.tau = float(tau)
         self.k_fraction = float(k_fraction)
         self.confidence = float(confidence)
         self.batch_size = batch_size
-        self.every_n_epochs = every_n_epochs
         self.log_images = bool(log_images)
         self.seed = int(seed)
-        self.model_attr = model_attr
-        self._inputs: list[torch.Tensor] = []
         self.last: dict[str, float] = {}
 
+    @property
+    def model_attr(self) -> str | None:
+        """Deprecated alias of :attr:`net`."""
+        return self.net
+
+    def metric_name(self, radius: float) -> str:
+        return f"{self.prefix}/{self.metric_key(radius)}"
+
     @staticmethod
-    def metric_name(radius: float) -> str:
-        return f"saliency/certified_topk@{radius:g}"
-
-    def _active(self, trainer: pl.Trainer) -> bool:
-        return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-
-    def _model(self, pl_module: pl.LightningModule) -> nn.Module:
-        return pl_module if self.model_attr is None else pl_module.get_submodule(self.model_attr)
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._inputs = []
-
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        have = sum(t.shape[0] for t in self._inputs)
-        if not self._active(trainer) or have >= self.num_samples:
-            return
-        x = split_batch(batch).x if not torch.is_tensor(batch) else batch
-        self._inputs.append(x[: self.num_samples - have].detach().clone())
+    def metric_key(radius: float) -> str:
+        return f"certified_topk@{radius:g}"
 
     def certify(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparsified SmoothGrad maps of ``x`` and their certified top-k fractions ``[B, len(radii)]``."""
@@ -144,32 +140,40 @@ class SaliencyCertification(pl.Callback):
         cert = certified_topk_intersection(maps, k, self.radii, self.sigma, self.n_samples, self.confidence)
         return maps, cert.double() / k
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active(trainer) or not self._inputs:
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                 data: tuple[torch.Tensor, torch.Tensor] | None, stage: str) -> None:
+        model = self.resolve_net(pl_module)
+        device = pl_module.device
+        # [sum over samples of the certified fraction per radius..., samples], summed over processes
+        sums = torch.zeros(len(self.radii) + 1, dtype=torch.float64, device=device)
+        x: torch.Tensor | None = None
+        if data is not None:
+            x = data[0].to(device)
+            maps, frac = self.certify(model, x)
+            sums[:-1] = frac.sum(0).to(device)
+            sums[-1] = x.shape[0]
+        if trainer.world_size > 1:
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        n = float(sums[-1])
+        values = {self.metric_key(r): float(sums[j]) / max(n, 1.0) for j, r in enumerate(self.radii)}
+        self.last = {f"{self.prefix}/{k}": v for k, v in values.items()}
+        self.log_metrics(pl_module, values, batch_size=int(n))
+        if x is None:
             return
-        x = torch.cat(self._inputs)
-        model = self._model(pl_module)
-        maps, frac = self.certify(model, x)
-        self.last = {}
-        for j, r in enumerate(self.radii):
-            value = frac[:, j].mean()
-            name = self.metric_name(r)
-            pl_module.log(name, value.float(), sync_dist=True)
-            self.last[name] = float(value)
         if self.log_images and trainer.is_global_zero and x.ndim == 4:
-            n = min(8, x.shape[0])
-            xs = x[:n]
+            m = min(8, x.shape[0])
+            xs = x[:m]
             grad = gradient_saliency(model, xs)
             gen = torch.Generator().manual_seed(self.seed)
             smooth = smoothgrad(model, xs, n_samples=min(self.n_samples, 256), sigma=self.sigma,
                                 batch_size=self.batch_size, generator=gen)
             shown = xs.mean(1, keepdim=True)
-            grid = torch.cat([shown.clamp(0, 1), _to_unit(grad), _to_unit(smooth), maps[:n].mean(1, keepdim=True)])
-            captions = [""] * n + ["gradient"] * n + ["SmoothGrad"] * n + [
-                f"cert {float(frac[i, 0]):.2f}" for i in range(n)]
+            grid = torch.cat([shown.clamp(0, 1), _to_unit(grad), _to_unit(smooth), maps[:m].mean(1, keepdim=True)])
+            captions = [""] * m + ["gradient"] * m + ["SmoothGrad"] * m + [
+                f"cert {float(frac[i, 0]):.2f}" for i in range(m)]
             title = (f"input / |gradient| / |SmoothGrad| / sparsified SmoothGrad (certified top-k at "
                      f"r={self.radii[0]:g})")
-            log_image(trainer, "saliency/maps", image_grid(grid.cpu(), captions, nrow=n, cell=48, title=title))
+            log_image(trainer, f"{self.prefix}/maps", image_grid(grid.cpu(), captions, nrow=m, cell=48, title=title))
 
     def state_dict(self) -> dict[str, Any]:
         return {"last": dict(self.last)}

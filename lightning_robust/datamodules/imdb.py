@@ -19,7 +19,6 @@ with ``glove=...`` uses), or a word vocabulary built from the training reviews. 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import re
 import tarfile
@@ -34,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_robust.datamodules.base import EpochShuffleSampler, LoaderOptions, OwnGeneratorLoader, RobustDataModule
-from lightning_robust.datamodules.integrity import ChecksumTable, DataIntegrityError, verify_checksums
+from lightning_robust.datamodules.integrity import ChecksumTable, DataIntegrityError, md5sum, verify_checksums
 from lightning_robust.utils.text import GLOVE_PACKAGE, HFTokenizer, TextTokenizer, WordVocabulary
 from lightning_robust.utils.validation import check_positive_int
 
@@ -232,14 +231,6 @@ def safe_extract(archive: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_imdb(root: str | Path, url: str = IMDB_URL, md5: str = IMDB_MD5) -> Path:
     """Download the archive into ``root`` (unless present) and check its MD5; return the archive path.
 
@@ -253,7 +244,7 @@ def download_imdb(root: str | Path, url: str = IMDB_URL, md5: str = IMDB_MD5) ->
     root.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     urllib.request.urlretrieve(url, part)
-    got = _md5(part)
+    got = md5sum(part)
     if got != md5:
         part.unlink()
         raise ValueError(f"downloaded {url} has MD5 {got}, expected {md5}; the file was deleted")

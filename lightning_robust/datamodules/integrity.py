@@ -28,7 +28,6 @@ says what to do, never an exception from deep inside NumPy, pickle or PIL.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -38,6 +37,8 @@ import zipfile
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from torchvision.datasets.utils import calculate_md5
 
 __all__ = [
     "ChecksumTable",
@@ -69,12 +70,9 @@ def normalize_path(path: str | Path) -> Path:
 
 
 def md5sum(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex MD5 digest of a file, read in chunks (MD5 serves integrity, not security, here)."""
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex MD5 digest of a file: torchvision's ``calculate_md5`` (chunked, ``usedforsecurity=False``), the one
+    MD5 helper of the data modules."""
+    return calculate_md5(path, chunk_size)
 
 
 def read_checksum_manifest(path: str | Path) -> dict[Path, str]:

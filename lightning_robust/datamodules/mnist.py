@@ -63,6 +63,22 @@ def mnist_files(root: str | Path, split: str) -> tuple[Path, Path] | None:
     return None
 
 
+def _missing_files(root: Path, split: str) -> list[Path]:
+    """The files of ``split`` missing from the folder that holds some MNIST files (torchvision's
+    ``root/MNIST/raw`` when none does), so the error names what is really absent."""
+    prefix = _PREFIX[split]
+    names = [f"{prefix}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
+    any_mnist = ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")
+
+    def present(folder: Path, name: str) -> bool:
+        return any((folder / (name + s)).is_file() for s in ("", ".gz"))
+
+    dirs = _candidate_dirs(root)
+    folder = next((d for d in dirs if any(present(d, n) for n in names)), None)
+    folder = folder or next((d for d in dirs if any(present(d, f"{n}-ubyte") for n in any_mnist)), dirs[0])
+    return [folder / f"{n}[.gz]" for n in names if not present(folder, n)]
+
+
 def load_mnist_arrays(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read and cross-check an MNIST image/label file pair: ``(uint8 [N, 28, 28], int64 [N])``."""
     x = read_idx(images)
@@ -105,10 +121,12 @@ def read_mnist(root: str | Path, split: str = "test", verify: bool = True,
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     found = mnist_files(root, split)
     if found is None:
-        raise DatasetNotFoundError(f"MNIST {split} files not found under {root}; expected layout:\n"
+        missing = ", ".join(str(p) for p in _missing_files(Path(root), split))
+        raise DatasetNotFoundError(f"MNIST {split} files not found under {root}: missing {missing}; expected layout:\n"
                                    + MNISTDataModule.layout.format(root=root))
     table = ChecksumTable(official_mnist_checksums(root), checksums, _candidate_dirs(Path(root)), enabled=verify)
-    verify_checksums(found, table, f"Fetch it again: {MNISTDataModule.source}")
+    verify_checksums(found, table, f"If it is damaged, fetch it again: {MNISTDataModule.source}. For a copy of your "
+                     "own, pass checksums= an md5sum manifest (write_checksum_manifest) or verify=False.")
     return load_mnist_arrays(*found)
 
 
@@ -146,9 +164,14 @@ class MNISTDataModule(VisionDataModule):
     """
 
     dataset_name = "MNIST"
-    layout = ("  {root}/MNIST/raw/train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz],\n"
-              "                   t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]\n"
-              "  (torchvision's layout; the same files directly in {root}/ or {root}/raw/ also work)")
+    layout = ("  {root}/\n"
+              "  └── MNIST/\n"
+              "      └── raw/\n"
+              "          ├── train-images-idx3-ubyte[.gz]\n"
+              "          ├── train-labels-idx1-ubyte[.gz]\n"
+              "          ├── t10k-images-idx3-ubyte[.gz]\n"
+              "          └── t10k-labels-idx1-ubyte[.gz]\n"
+              "  (torchvision's layout; the same four files directly in {root}/ or {root}/raw/ also work)")
     source = ("the four .gz files of https://ossci-datasets.s3.amazonaws.com/mnist/ "
               "(originally yann.lecun.com/exdb/mnist)")
 
@@ -198,16 +221,17 @@ class MNISTDataModule(VisionDataModule):
                         self._download(mirror + name, folder, name)
                         break
                     except DatasetNotFoundError as err:
-                        errors.append(str(err).splitlines()[0])
+                        errors.append(str(err).splitlines()[0].split(". Place the file")[0])
                 else:
-                    raise DatasetNotFoundError(f"could not download {name} from any mirror: {errors}")
+                    tried = "\n".join(f"  - {e}" for e in errors)
+                    raise DatasetNotFoundError(f"could not download {name} from any of the {len(errors)} mirrors:\n"
+                                               f"{tried}\nPlace the files yourself; expected layout:\n"
+                                               + self.layout.format(root=self.root))
 
     def _load(self, split: str) -> LoadedDataset:
         found = mnist_files(self.root, split)
         if found is None:
-            p = _PREFIX[split]
-            raise self._not_found([self.root / "MNIST" / "raw" / f"{p}-images-idx3-ubyte[.gz]",
-                                   self.root / "MNIST" / "raw" / f"{p}-labels-idx1-ubyte[.gz]"], f"{split} files")
+            raise self._not_found(_missing_files(self.root, split), f"{split} files")
         self._verify(found)
         x_np, y_np = load_mnist_arrays(*found)
         x = resize_uint8(torch.from_numpy(x_np.copy()).unsqueeze(1), self.image_size)

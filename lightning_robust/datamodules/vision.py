@@ -16,6 +16,7 @@ from lightning_robust.datamodules.image_datasets import (
     select_classes,
 )
 from lightning_robust.datamodules.integrity import (
+    MANIFEST_NAME,
     ChecksumTable,
     DatasetNotFoundError,
     extract_archive_once,
@@ -195,8 +196,13 @@ class VisionDataModule(RobustDataModule):
         if self._table.is_empty():
             return
         todo = [p for p in map(normalize_path, paths) if p not in self._checked]
-        hint = (f"Delete it and run again with download=True, or fetch it again from {self.source}"
-                if self.download_supported else f"Fetch it again: {self.source}")
+        fetch = (f"delete it and run again with download=True, or fetch it again from {self.source}"
+                 if self.download_supported else f"fetch it again: {self.source}")
+        # A re-packed or re-encoded copy is a legitimate reason for other checksums: name both ways out.
+        hint = (f"If it is damaged, {fetch}. If it is a deliberate copy of your own (re-packed, converted), "
+                f"write a checksum manifest for it with lightning_robust.datamodules.write_checksum_manifest("
+                f"'{self.root}') and pass checksums='{self.root}/{MANIFEST_NAME}' (an {MANIFEST_NAME} file in the "
+                "data set's folder is picked up by itself), or skip the checks with verify=False.")
         self._checked.update(verify_checksums(todo, self._table, hint))
 
     def _extract(self, archive: Path, dest_parent: Path, top: str) -> Path:

@@ -95,7 +95,7 @@ def one_class_svm_filter(
         check_positive("gamma", gamma)
     x = features.detach().double().cpu().numpy()
     y = labels.cpu()
-    keep = torch.ones(y.shape[0], dtype=torch.bool)
+    keep = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
     for c in torch.unique(y).tolist():
         members = (y == c).nonzero().flatten()
         if members.numel() < 2:
@@ -129,10 +129,11 @@ def random_eviction(
     features, labels = check_features_labels(features, labels)
     check_fraction("fraction", fraction)
     y = labels.cpu()
-    keep = torch.ones(y.shape[0], dtype=torch.bool)
+    keep = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
     for c in torch.unique(y).tolist():
         members = (y == c).nonzero().flatten()
         m = _per_class_count(members.numel(), fraction)
         if m:
-            keep[members[torch.randperm(members.numel(), generator=generator)[:m]]] = False
+            device = generator.device if generator is not None else y.device
+            keep[members[torch.randperm(members.numel(), generator=generator, device=device)[:m]]] = False
     return keep.to(features.device)

@@ -39,6 +39,10 @@ TIE_BREAKS = ("keep", "remove", "smallest")
 CLASS_BALANCES = ("none", "replicate")
 # Budget of one block of squared distances; 256 MB is 1,280 rows at n = 50,000 in float32.
 _CHUNK_BYTES = 256 * 2**20
+# On the CPU the block is read again by topk and the boundary checks right after the matmul writes it: a
+# block that stays in cache (32 MB: 167 rows at n = 50,000) ran at 0.78-0.84 of the matmul rate against
+# 0.65 for 256 MB in side-by-side runs at n = 8,000 (BENCHMARKS.md, deep_knn). GPUs keep the large block.
+_CPU_BLOCK_BYTES = 32 * 2**20
 
 
 def check_features_labels(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +180,8 @@ def _neighbours(x: torch.Tensor, k: int, start: int, stop: int, chunk_size: int 
     dev = x.device
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     itemsize = torch.empty((), dtype=work).element_size()
-    chunk = chunk_size or max(1, _CHUNK_BYTES // max(1, n * (itemsize + 1)))
+    budget = _CPU_BLOCK_BYTES if dev.type == "cpu" else _CHUNK_BYTES
+    chunk = chunk_size or max(1, budget // max(1, n * (itemsize + 1)))
     c, sq, scale = _centred(x, work, max(1, _CHUNK_BYTES // max(1, 8 * d)))
     b = (d + 32) * _unit_roundoff(work, dev)
     a = 4.0 * (d + 2) * float(torch.finfo(work).tiny)
@@ -286,7 +291,7 @@ def knn_vote_counts(
             copies of itself (the paper's remedy for class imbalance: replicate under-represented classes
             before the k-NN), so the k nearest of the replicated multiset are counted.
         num_classes: number of count columns (default ``labels.max() + 1``).
-        chunk_size: query rows per block (default: a 256 MB block of distances).
+        chunk_size: query rows per block (default: a 32 MB block of distances on the CPU, 256 MB on a GPU).
         device: where to compute (default: the features' device).
 
     Returns:

@@ -1,4 +1,4 @@
-"""A Markdown report with PNG figures, written section by section."""
+"""A Markdown report with PNG figures (matplotlib), written section by section."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from matplotlib.figure import Figure
+
+from lightning_robust.utils.plotting import save_figure
 
 __all__ = ["Report", "Section"]
 
@@ -28,7 +30,7 @@ class Report:
         >>> sec = report.section("Classifier")
         >>> report.text(sec, "Trained a SmallCNN.")
         >>> report.table(sec, ["metric", "value"], [["test accuracy", "0.97"]])
-        >>> report.figure(sec, "predictions", image, "Predictions on test digits (red = wrong).")
+        >>> report.figure(sec, "predictions", image_grid(x), "Predictions on test digits (red = wrong).")
         >>> report.write()
     """
 
@@ -56,9 +58,8 @@ class Report:
         lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
         sec.blocks.append("\n".join(lines))
 
-    def figure(self, sec: Section, name: str, image: Image.Image, caption: str) -> Path:
-        path = self.fig_dir / f"{name}.png"
-        image.save(path)
+    def figure(self, sec: Section, name: str, figure: Figure, caption: str) -> Path:
+        path = save_figure(figure, self.fig_dir / f"{name}.png")
         sec.blocks.append(f"![{caption}](figures/{path.name})\n\n*{caption}*")
         return path
 

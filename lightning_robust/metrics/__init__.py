@@ -5,8 +5,11 @@ from lightning_robust.metrics.image_quality import ClassifierFeatures, Precomput
 from lightning_robust.metrics.perplexity import (
     evaluate_text_attack,
     load_causal_lm,
+    load_word_lm,
     per_word_perplexity,
+    sliding_windows,
     train_causal_lm,
+    train_word_lm,
 )
 from lightning_robust.metrics.poison_detection import PoisonDetection, poison_detection_scores
 from lightning_robust.metrics.robust_accuracy import RobustAccuracy
@@ -23,7 +26,10 @@ __all__ = [
     "evaluate_text_attack",
     "image_quality",
     "load_causal_lm",
+    "load_word_lm",
     "per_word_perplexity",
     "poison_detection_scores",
+    "sliding_windows",
     "train_causal_lm",
+    "train_word_lm",
 ]

@@ -12,6 +12,7 @@ statistics over a data set (the evaluation protocol of SPGD, arXiv 1905.12864).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -27,7 +28,15 @@ from lightning_robust.utils.modules import model_mode
 from lightning_robust.utils.text import TextTokenizer, WordVocabulary, basic_tokenize
 from lightning_robust.utils.validation import check_positive_int
 
-__all__ = ["evaluate_text_attack", "load_causal_lm", "per_word_perplexity", "train_causal_lm"]
+__all__ = [
+    "evaluate_text_attack",
+    "load_causal_lm",
+    "load_word_lm",
+    "per_word_perplexity",
+    "sliding_windows",
+    "train_causal_lm",
+    "train_word_lm",
+]
 
 
 def load_causal_lm(name_or_path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
@@ -45,6 +54,9 @@ def load_causal_lm(name_or_path: str | Path, device: str | torch.device = "cpu")
 
 
 def _max_positions(model: nn.Module) -> int | None:
+    value = getattr(model, "max_positions", None)
+    if isinstance(value, int):
+        return value
     cfg = getattr(model, "config", None)
     for attr in ("n_positions", "max_position_embeddings"):
         value = getattr(cfg, attr, None)
@@ -53,21 +65,60 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
+def _next_token_log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T - 1]`` log-probabilities of each next token (a model's own ``token_log_probs`` when it has one,
+    which avoids a full softmax for adaptive-softmax models; else the log-softmax of ``.logits``)."""
+    own = getattr(model, "token_log_probs", None)
+    if callable(own):
+        return own(ids, mask).float()
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    return -F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows that score a sequence of ``n_tokens`` tokens (token 0 is given, tokens 1.. are scored).
+
+    Window ``k`` covers tokens ``[start_k, end_k)`` with ``start_k = k * stride`` and ``end_k = min(start_k +
+    context, n_tokens)``; it scores the tokens from the previous window's end (1 for the first window) to its own
+    end, so every token from 1 on is scored exactly once, and a token scored by window ``k > 0`` sees at least
+    ``context - stride`` earlier tokens. A sequence that fits the context is one window (nothing changes).
+
+    Returns:
+        ``[(start, end, first_scored), ...]``.
+    """
+    check_positive_int("context", context, minimum=2)
+    check_positive_int("stride", stride)
+    if stride >= context:
+        raise ValueError(f"stride must be smaller than context={context} so that windows overlap, got {stride}")
+    out = [(0, min(context, n_tokens), 1)]
+    while out[-1][1] < n_tokens:
+        start = out[-1][0] + stride
+        out.append((start, min(start + context, n_tokens), out[-1][1]))
+    return out
+
+
 @torch.no_grad()
 def per_word_perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 16,
-                        max_length: int | None = None) -> torch.Tensor:
-    """Per-word perplexity of each text under a causal LM: ``exp(NLL(text) / #words)``.
+                        max_length: int | None = None, stride: int | None = None) -> torch.Tensor:
+    """Per-word perplexity of each whole text under a causal LM: ``exp(NLL(text) / #words)``.
 
-    The text is tokenized without special tokens, the tokenizer's BOS token (when it has one) is prepended so
-    that the first token is scored too, and texts longer than ``max_length`` tokens (default: the model's
-    context) are scored on their first ``max_length`` tokens, counting the words of that part.
+    The text is tokenized without special tokens and the tokenizer's BOS token (when it has one) is prepended
+    so that the first token is scored too. A text longer than the context (``max_length`` tokens, default the
+    model's) is scored with overlapping sliding windows (:func:`sliding_windows`): windows start every
+    ``stride`` tokens (default ``max_length // 2``), each scores only the tokens past the previous window's
+    end, so every token is scored once and with at least ``max_length - stride`` tokens of context. Nothing is
+    truncated: ``#words`` counts the whole text's :func:`basic_tokenize` words, and a text that fits in the
+    context is scored by one forward pass exactly as without windows.
 
     Args:
-        model: an ``AutoModelForCausalLM`` (returns ``.logits`` [B, T, V]).
+        model: an ``AutoModelForCausalLM`` (returns ``.logits`` [B, T, V]) or any module with
+            ``token_log_probs(input_ids, attention_mask) -> [B, T - 1]`` (e.g.
+            :class:`~lightning_robust.nets.WordLanguageModel`).
         tokenizer: its tokenizer.
         texts: the texts.
-        batch_size: texts per forward pass (right padding, masked; the result does not depend on it).
-        max_length: token limit per text (BOS included).
+        batch_size: windows per forward pass (right padding, masked; the result does not depend on it).
+        max_length: window length in tokens (BOS included).
+        stride: tokens between window starts, in ``[1, max_length)``.
 
     Returns:
         ``[N]`` float64 perplexities (``nan`` for a text with no word).
@@ -75,32 +126,39 @@ def per_word_perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], 
     check_positive_int("batch_size", batch_size)
     device = next(model.parameters()).device
     limit = max_length or _max_positions(model) or 1024
+    check_positive_int("max_length", limit, minimum=2)
+    stride = limit // 2 if stride is None else stride
     bos = getattr(tokenizer, "bos_token_id", None)
     out = torch.full((len(texts),), float("nan"), dtype=torch.float64)
+    # (text index, window token ids, index within the window of the first scored token)
+    rows: list[tuple[int, list[int], int]] = []
+    words = []
+    for i, text in enumerate(texts):
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if bos is not None:
+            ids = [int(bos), *ids]
+        words.append(len(basic_tokenize(text)))
+        if len(ids) < 2:
+            continue
+        for start, end, first in sliding_windows(len(ids), limit, stride):
+            rows.append((i, ids[start:end], first - start))
+    nll = [0.0] * len(texts)
     with model_mode(model, "eval"):
-        for lo in range(0, len(texts), batch_size):
-            rows, words = [], []
-            for text in texts[lo: lo + batch_size]:
-                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-                if bos is not None:
-                    ids = [int(bos), *ids]
-                truncated = len(ids) > limit
-                ids = ids[:limit]
-                scored = tokenizer.decode(ids[1:] if bos is not None else ids) if truncated else text
-                rows.append(ids)
-                words.append(len(basic_tokenize(scored)))
-            T = max(len(r) for r in rows)
-            batch = torch.zeros(len(rows), T, dtype=torch.long)
-            mask = torch.zeros(len(rows), T, dtype=torch.long)
-            for i, r in enumerate(rows):
-                batch[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = 1
-            batch, mask = batch.to(device), mask.to(device)
-            logits = model(input_ids=batch, attention_mask=mask).logits.float()
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
-            nll = (nll * mask[:, 1:]).sum(1).double().cpu()
-            for i, (n, w) in enumerate(zip(nll.tolist(), words)):
-                out[lo + i] = math.exp(n / w) if w > 0 else float("nan")
+        for lo in range(0, len(rows), batch_size):
+            chunk = rows[lo: lo + batch_size]
+            T = max(len(r[1]) for r in chunk)
+            batch = torch.zeros(len(chunk), T, dtype=torch.long)
+            mask = torch.zeros(len(chunk), T, dtype=torch.long)
+            scored = torch.zeros(len(chunk), T - 1, dtype=torch.float64)
+            for j, (_, ids, first) in enumerate(chunk):
+                batch[j, : len(ids)] = torch.tensor(ids)
+                mask[j, : len(ids)] = 1
+                scored[j, first - 1: len(ids) - 1] = 1  # target t is predicted at position t - 1
+            logp = _next_token_log_probs(model, batch.to(device), mask.to(device)).double().cpu()
+            for j, value in enumerate((-logp * scored).sum(1).tolist()):
+                nll[chunk[j][0]] += value
+        for i, (n, w) in enumerate(zip(nll, words)):
+            out[i] = math.exp(n / w) if w > 0 else float("nan")
     return out
 
 
@@ -175,6 +233,115 @@ def train_causal_lm(texts: Sequence[str], out_dir: str | Path, vocab_size: int =
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _token_stream(texts: Sequence[str], vocab: WordVocabulary, bos: int) -> torch.Tensor:
+    stream: list[int] = []
+    for text in texts:
+        stream.append(bos)
+        stream.extend(vocab.encode(text))
+    return torch.tensor(stream, dtype=torch.long)
+
+
+def train_word_lm(texts: Sequence[str], heldout: Sequence[str], vocabulary: WordVocabulary, out_dir: str | Path,
+                  context: int = 256, dim: int = 128, layers: int = 2, heads: int = 4, ff: int = 512,
+                  cutoffs: Sequence[int] = (2000, 8000), dropout: float = 0.1, batch_size: int = 16,
+                  lr: float = 2e-3, max_steps: int = 4000, eval_every: int = 200, patience: int = 2,
+                  eval_windows: int = 64, seed: int = 0, log: Any = None) -> dict[str, Any]:
+    """Train a :class:`~lightning_robust.nets.WordLanguageModel` until its held-out perplexity stops improving.
+
+    The tokenizer is word level over ``vocabulary`` (plus ``<bos>``), so per-token perplexity is per-word
+    perplexity. Each step draws ``batch_size`` random windows of ``context`` tokens from the concatenated,
+    ``<bos>``-separated ``texts``; AdamW with warm-up. Every ``eval_every`` steps the per-word perplexity of
+    ``eval_windows`` fixed, non-overlapping windows of the ``heldout`` texts is measured; training stops when
+    it has not improved for ``patience`` evaluations (or at ``max_steps``), and the best weights are saved.
+
+    Returns:
+        ``{"path", "heldout_ppl" (best), "steps", "stopped" ("plateau" or "max_steps"), "history" [(step, ppl)],
+        "seconds"}``; load the model with :func:`load_word_lm`.
+    """
+    from lightning_robust.nets.word_lm import WordLanguageModel
+
+    check_positive_int("max_steps", max_steps)
+    check_positive_int("eval_every", eval_every)
+    check_positive_int("patience", patience)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    tokenizer = _word_level_tokenizer(vocabulary)
+    bos = int(tokenizer.bos_token_id)
+    data = _token_stream(texts, vocabulary, bos)
+    held = _token_stream(heldout, vocabulary, bos)
+    if len(data) <= context + 1 or len(held) < context:
+        raise ValueError(f"texts / heldout hold {len(data)} / {len(held)} tokens, fewer than one window of "
+                         f"context={context}")
+    n_eval = min(eval_windows, len(held) // context)
+    held_batch = held[: n_eval * context].view(n_eval, context)
+    model = WordLanguageModel(len(tokenizer), context=context, dim=dim, layers=layers, heads=heads, ff=ff,
+                              cutoffs=cutoffs, dropout=dropout)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+
+    @torch.no_grad()
+    def heldout_ppl() -> float:
+        model.eval()
+        nll = torch.cat([-model.token_log_probs(b) for b in held_batch.split(16)]).double().mean()
+        model.train()
+        return math.exp(float(nll))
+
+    best, best_state, bad, history = float("inf"), None, 0, []
+    stopped = "max_steps"
+    t0 = time.perf_counter()
+    model.train()
+    step = 0
+    for step in range(1, max_steps + 1):
+        starts = torch.randint(0, len(data) - context, (batch_size,), generator=g)
+        batch = torch.stack([data[s: s + context] for s in starts.tolist()])
+        loss = model.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % eval_every == 0 or step == max_steps:
+            ppl = heldout_ppl()
+            history.append((step, ppl))
+            if log is not None:
+                log(f"  LM step {step}: train loss {loss.item():.3f}, held-out ppl {ppl:.1f} "
+                    f"({time.perf_counter() - t0:.0f}s)")
+            if ppl < best - 1e-3:
+                best, bad = ppl, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= patience:
+                    stopped = "plateau"
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "weights.pt")
+    (out / "lm_config.json").write_text(json.dumps(model.config))
+    tokenizer.save_pretrained(out)
+    info = {"path": str(out), "heldout_ppl": best, "steps": step, "stopped": stopped, "history": history,
+            "seconds": time.perf_counter() - t0, "heldout_tokens": int(held_batch.numel())}
+    (out / "train_info.json").write_text(json.dumps(info))
+    return info
+
+
+def load_word_lm(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` saved by :func:`train_word_lm`, weights loaded with ``weights_only=True``."""
+    from transformers import AutoTokenizer
+
+    from lightning_robust.nets.word_lm import WordLanguageModel
+
+    folder = Path(path)
+    cfg_file = folder / "lm_config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{folder} holds no lm_config.json (expected the output of train_word_lm)")
+    model = WordLanguageModel(**json.loads(cfg_file.read_text()))
+    model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(str(folder))
 
 
 def evaluate_text_attack(attack: TextAttack, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],

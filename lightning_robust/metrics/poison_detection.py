@@ -8,47 +8,62 @@ Positive = poisoned, predicted positive = removed by the filter. From the confus
 * MCC = ``(TP TN - FP FN) / sqrt((TP + FP)(TP + FN)(TN + FP)(TN + FN))``;
 * clean removed = ``FP`` and its share ``FP / (FP + TN)`` (false-positive rate).
 
-A ratio whose denominator is zero is reported as 0 (scikit-learn's ``zero_division=0``).
+All of them come from torchmetrics' binary classification metrics (``zero_division=0``: a ratio whose
+denominator is zero is 0, as scikit-learn's default). MCC follows the same rule: where a margin of the
+confusion matrix is empty (nothing removed, everything removed, no poison, no clean sample) it is 0 as in
+scikit-learn, not torchmetrics' limit values (Chicco et al.), which give a filter that removes nothing a
+positive MCC.
 """
 
 from __future__ import annotations
 
 import torch
-from torchmetrics import Metric
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryF1Score,
+    BinaryMatthewsCorrCoef,
+    BinaryPrecision,
+    BinaryRecall,
+    BinaryStatScores,
+)
+from torchmetrics.functional.classification import (
+    binary_f1_score,
+    binary_matthews_corrcoef,
+    binary_precision,
+    binary_recall,
+    binary_stat_scores,
+)
 
 __all__ = ["PoisonDetection", "poison_detection_scores"]
 
 
-def _confusion(removed: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
-    """``[TP, FP, TN, FN]`` as a long tensor."""
+def _check(removed: torch.Tensor, poisoned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened integer ``(preds, target)`` for torchmetrics, after the shape check."""
+    if not (torch.is_tensor(removed) and torch.is_tensor(poisoned)):
+        raise TypeError("removed and poisoned must be boolean tensors")
     if removed.shape != poisoned.shape:
         raise ValueError(f"removed and poisoned must have the same shape, got {tuple(removed.shape)} "
                          f"and {tuple(poisoned.shape)}")
-    r, p = removed.bool().flatten(), poisoned.bool().flatten()
-    return torch.stack([(r & p).sum(), (r & ~p).sum(), (~r & ~p).sum(), (~r & p).sum()]).long()
+    return removed.bool().flatten().long(), poisoned.bool().flatten().long()
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    num, den = num.double(), den.double()
-    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
-
-
-def _scores(tp: torch.Tensor, fp: torch.Tensor, tn: torch.Tensor, fn: torch.Tensor) -> dict[str, torch.Tensor]:
-    precision = _ratio(tp, tp + fp)
-    recall = _ratio(tp, tp + fn)
-    f1 = _ratio(2 * precision * recall, precision + recall)
-    den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).double().sqrt()
-    mcc = _ratio(tp.double() * tn.double() - fp.double() * fn.double(), den)
+def _assemble(precision: torch.Tensor, recall: torch.Tensor, f1: torch.Tensor, mcc: torch.Tensor,
+              stats: torch.Tensor) -> dict[str, torch.Tensor]:
+    tp, fp, tn, fn, _ = stats.double().unbind()
+    if float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) == 0:
+        mcc = torch.zeros((), dtype=torch.float64)
+    # In float64 from torchmetrics' counts (1 - float32 specificity loses digits); no clean sample: no FP.
+    fpr = fp / (fp + tn) if float(fp + tn) > 0 else torch.zeros((), dtype=torch.float64)
     return {
-        "detection_rate": recall,
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "mcc": mcc,
-        "clean_removed": fp.double(),
-        "false_positive_rate": _ratio(fp, fp + tn),
-        "poisons_removed": tp.double(),
-        "poisons_kept": fn.double(),
+        "detection_rate": recall.double(),
+        "precision": precision.double(),
+        "recall": recall.double(),
+        "f1": f1.double(),
+        "mcc": mcc.double(),
+        "clean_removed": fp,
+        "false_positive_rate": fpr,
+        "poisons_removed": tp,
+        "poisons_kept": fn,
     }
 
 
@@ -66,13 +81,15 @@ def poison_detection_scores(removed: torch.Tensor, poisoned: torch.Tensor) -> di
         >>> s = poison_detection_scores(~keep, is_poison)
         >>> float(s["detection_rate"]), int(s["clean_removed"])
     """
-    tp, fp, tn, fn = _confusion(removed, poisoned)
-    return _scores(tp, fp, tn, fn)
+    preds, target = _check(removed, poisoned)
+    stats = binary_stat_scores(preds, target)
+    return _assemble(binary_precision(preds, target, zero_division=0), binary_recall(preds, target, zero_division=0),
+                     binary_f1_score(preds, target, zero_division=0), binary_matthews_corrcoef(preds, target), stats)
 
 
-class PoisonDetection(Metric):
-    """torchmetrics ``Metric`` accumulating the confusion counts of a poison filter across batches and
-    processes; :meth:`compute` returns the dict of :func:`poison_detection_scores`.
+class PoisonDetection(MetricCollection):
+    """torchmetrics' binary precision, recall, F1, MCC and stat scores, accumulated across batches
+    and processes; :meth:`compute` returns the dict of :func:`poison_detection_scores`.
 
     Example:
         >>> metric = PoisonDetection()
@@ -80,27 +97,20 @@ class PoisonDetection(Metric):
         >>> metric.compute()["mcc"]
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    tp: torch.Tensor
-    fp: torch.Tensor
-    tn: torch.Tensor
-    fn: torch.Tensor
-
     def __init__(self) -> None:
-        super().__init__()
-        for name in ("tp", "fp", "tn", "fn"):
-            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        super().__init__({
+            "precision": BinaryPrecision(zero_division=0),
+            "recall": BinaryRecall(zero_division=0),
+            "f1": BinaryF1Score(zero_division=0),
+            "mcc": BinaryMatthewsCorrCoef(),
+            "stats": BinaryStatScores(),
+        })
 
-    def update(self, removed: torch.Tensor, poisoned: torch.Tensor) -> None:
+    def update(self, removed: torch.Tensor, poisoned: torch.Tensor) -> None:  # type: ignore[override]
         """Add one batch of decisions: ``removed`` and ``poisoned`` are boolean tensors of equal shape."""
-        counts = _confusion(removed, poisoned).to(self.tp.device)
-        self.tp += counts[0]
-        self.fp += counts[1]
-        self.tn += counts[2]
-        self.fn += counts[3]
+        preds, target = _check(removed, poisoned)
+        super().update(preds, target)
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        return _scores(self.tp, self.fp, self.tn, self.fn)
+    def compute(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        out = super().compute()
+        return _assemble(out["precision"], out["recall"], out["f1"], out["mcc"], out["stats"])

@@ -1,9 +1,12 @@
 """A LightningModule for text classification with optional SPGD adversarial training (arXiv 1905.12864).
 
-Adversarial training for text in embedding space (Miyato et al. 2017) minimises
-``L(x, y) + lambda * L(E[x] + r_adv, y)``; the SPGD paper's interpretable variant takes ``r_adv`` from
-:class:`~lightning_robust.attacks.SPGD`, so each word's perturbation points toward a neighbouring word and only a
-few words are perturbed. ``adversarial_mode="tokens"`` instead trains on the rounded adversarial token sequences
+Adversarial training for text in embedding space (Miyato et al. 2017, :class:`~lightning_robust.attacks.AdvTText`)
+minimises ``L(x, y) + lambda * L(E[x] + r_adv, y)``; Sato et al. 2018's interpretable variant takes ``r_adv``
+from :class:`~lightning_robust.attacks.IAdvTText` (directions toward neighbouring words), the SPGD paper's from
+:class:`~lightning_robust.attacks.SPGD`, so each word's perturbation points toward a neighbouring word and only
+a few words are perturbed. As in those papers' code, the perturbation is computed in train mode (dropout on;
+``perturbation_mode="train"``), and the adversarial loss is a second train-mode forward pass at ``E[x] + r_adv``.
+``adversarial_mode="tokens"`` instead trains on the rounded adversarial token sequences
 (discrete adversarial training).
 """
 
@@ -21,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_robust.attacks.text import TextAttack, model_logits
 from lightning_robust.models.classifier import Classifier, default_optimizer
 from lightning_robust.objectives import CrossEntropy, Objective, TextAdversarialTraining, TrainingBatch
-from lightning_robust.objectives.text_adversarial import TEXT_ADVERSARIAL_MODES
+from lightning_robust.objectives.text_adversarial import PERTURBATION_MODES, TEXT_ADVERSARIAL_MODES
 from lightning_robust.utils.validation import check_choice, check_non_negative
 
 __all__ = ["TextClassifier"]
@@ -59,10 +62,13 @@ class TextClassifier(Classifier):
     Args:
         net: the text classifier.
         attack: the training attack (``SPGD(...)`` for the paper's interpretable adversarial training,
-            ``EmbeddingPGD(...)`` for the unconstrained one); ``None`` trains on clean text only.
+            ``AdvTText(...)`` / ``IAdvTText(...)`` for Miyato et al.'s / Sato et al.'s, ``EmbeddingPGD(...)`` for
+            the iterated unconstrained one); ``None`` trains on clean text only.
         adversarial_weight: ``lambda``, the weight of the adversarial loss.
         adversarial_mode: ``"embedding"`` (the continuous perturbation, as in the paper) or ``"tokens"``
             (the rounded adversarial tokens).
+        perturbation_mode: the mode the embedding perturbation's gradients are taken in: ``"train"`` (dropout
+            on, as Miyato et al. and Sato et al. do) or ``"attack"`` (the attack's own ``model_mode``).
         evaluate_attack: run ``attack`` (or ``eval_attack``) on validation and test batches and log its results.
         eval_attack: the attack used for evaluation (default: ``attack``).
         num_classes, optimizer, scheduler, scheduler_interval, scheduler_monitor, label_smoothing: as in
@@ -84,6 +90,7 @@ class TextClassifier(Classifier):
         attack: TextAttack | None = None,
         adversarial_weight: float = 1.0,
         adversarial_mode: str = "embedding",
+        perturbation_mode: str = "train",
         evaluate_attack: bool = False,
         eval_attack: TextAttack | None = None,
         num_classes: int | None = None,
@@ -95,21 +102,25 @@ class TextClassifier(Classifier):
     ) -> None:
         for name, value in (("attack", attack), ("eval_attack", eval_attack)):
             if value is not None and not isinstance(value, TextAttack):
-                raise TypeError(f"{name} must be a TextAttack (SPGD, EmbeddingPGD), got {type(value).__name__}")
+                raise TypeError(f"{name} must be a TextAttack (SPGD, AdvTText, IAdvTText, EmbeddingPGD), "
+                                f"got {type(value).__name__}")
         check_non_negative("adversarial_weight", adversarial_weight)
         check_choice("adversarial_mode", adversarial_mode, TEXT_ADVERSARIAL_MODES)
+        check_choice("perturbation_mode", perturbation_mode, PERTURBATION_MODES)
         if evaluate_attack and attack is None and eval_attack is None:
             raise ValueError("evaluate_attack=True needs an attack or an eval_attack")
         if not callable(getattr(net, "get_input_embeddings", None)) and (attack is not None or eval_attack is not None):
             raise TypeError(f"{type(net).__name__} must expose get_input_embeddings() to be attacked")
         objectives: list[Objective] = [CrossEntropy(label_smoothing=label_smoothing)]
         if attack is not None:
-            objectives.append(TextAdversarialTraining(attack, adversarial_weight, adversarial_mode, label_smoothing))
+            objectives.append(TextAdversarialTraining(attack, adversarial_weight, adversarial_mode, label_smoothing,
+                                                      perturbation_mode))
         super().__init__(net, num_classes=num_classes, optimizer=optimizer, scheduler=scheduler,
                          scheduler_interval=scheduler_interval, scheduler_monitor=scheduler_monitor,
                          objectives=objectives)
         self.eval_attack = eval_attack if eval_attack is not None else attack
         self.adversarial_weight = adversarial_weight
+        self.perturbation_mode = perturbation_mode
         self.evaluate_attack = evaluate_attack
         self.val_adv_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.test_adv_acc = MulticlassAccuracy(self.num_classes, average="micro")

@@ -15,6 +15,7 @@ from lightning_robust.nets.resnet import ResNet18, ResNet32
 from lightning_robust.nets.small_cnn import SmallCNN
 from lightning_robust.nets.text import TransformerClassifier, WordVectorClassifier
 from lightning_robust.nets.wide_resnet import WideResNet
+from lightning_robust.nets.word_lm import WordLanguageModel
 
 # Each net is registered here once, under its snake_case name (a second registration of the same name
 # with another factory is an error in register_net).
@@ -54,6 +55,7 @@ __all__ = [
     "TorchvisionBackbone",
     "TransformerClassifier",
     "WideResNet",
+    "WordLanguageModel",
     "WordVectorClassifier",
     "available_nets",
     "build_net",

@@ -18,9 +18,10 @@ from lightning_robust.attacks.text import TextAttack
 from lightning_robust.objectives.base import Objective, ObjectiveOutput, TrainingBatch
 from lightning_robust.utils.validation import check_choice, check_fraction, check_non_negative
 
-__all__ = ["TEXT_ADVERSARIAL_MODES", "TextAdversarialTraining"]
+__all__ = ["PERTURBATION_MODES", "TEXT_ADVERSARIAL_MODES", "TextAdversarialTraining"]
 
 TEXT_ADVERSARIAL_MODES = ("embedding", "tokens")
+PERTURBATION_MODES = ("train", "attack")
 
 
 class TextAdversarialTraining(Objective):
@@ -36,6 +37,8 @@ class TextAdversarialTraining(Objective):
         weight: ``lambda``, the weight of the adversarial loss (0 skips the attack).
         mode: ``"embedding"`` (the continuous perturbation, as in the paper) or ``"tokens"``.
         label_smoothing: cross-entropy label smoothing in [0, 1).
+        perturbation_mode: the mode the embedding perturbation's gradients are taken in: ``"train"`` (dropout
+            on, as Miyato et al. and Sato et al. do) or ``"attack"`` (the attack's own ``model_mode``).
 
     Example:
         >>> TextClassifier(net, objectives=[CrossEntropy(), TextAdversarialTraining(SPGD(max_words=5, steps=1))])
@@ -44,13 +47,15 @@ class TextAdversarialTraining(Objective):
     accuracy_names = ("adv_acc",)
 
     def __init__(self, attack: TextAttack, weight: float = 1.0, mode: str = "embedding",
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, perturbation_mode: str = "train") -> None:
         if not isinstance(attack, TextAttack):
-            raise TypeError(f"attack must be a TextAttack (SPGD, EmbeddingPGD), got {type(attack).__name__}")
+            raise TypeError(f"attack must be a TextAttack (SPGD, AdvTText, IAdvTText, EmbeddingPGD), "
+                            f"got {type(attack).__name__}")
         self.attack = attack
         self.weight = float(check_non_negative("adversarial_weight", weight))
         self.mode = check_choice("adversarial_mode", mode, TEXT_ADVERSARIAL_MODES)
         self.label_smoothing = float(check_fraction("label_smoothing", label_smoothing))
+        self.perturbation_mode = check_choice("perturbation_mode", perturbation_mode, PERTURBATION_MODES)
 
     def setup(self, module: nn.Module, num_classes: int) -> None:
         if not callable(getattr(module, "get_input_embeddings", None)):
@@ -63,7 +68,8 @@ class TextAdversarialTraining(Objective):
             return torch.zeros((), device=y.device), {}
         model: Any = module
         if self.mode == "embedding":
-            r = self.attack.embedding_perturbation(model, ids, y, mask)
+            r = self.attack.embedding_perturbation(
+                model, ids, y, mask, model_mode="train" if self.perturbation_mode == "train" else None)
             embeds = model.get_input_embeddings()(ids) + r
             adv_logits = model(inputs_embeds=embeds, attention_mask=mask)
             words = (r.norm(dim=-1) > 0).sum(1).float().mean()

@@ -7,7 +7,7 @@
 * :func:`clustering_accuracy`: accuracy under the best one-to-one matching of clusters to classes.
 * :func:`mixture_recovery_errors`: the paper's mixture-of-Gaussians metrics (pi, mean and covariance
   errors) exactly as the authors' evaluation code defines them.
-* :func:`kmeans`: seeded k-means++ / Lloyd, a cheap partition of a pooled sample into components.
+* :func:`kmeans`: scikit-learn's seeded k-means++ / Lloyd, a cheap partition of a pooled sample into components.
 """
 
 from __future__ import annotations
@@ -31,48 +31,39 @@ __all__ = ["assign_to_generators", "clustering_accuracy", "kmeans", "mixture_rec
 
 
 def kmeans(x: torch.Tensor, k: int, n_iter: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means with k-means++ seeding, deterministic given ``seed``.
+    """k-means (k-means++ seeding, Lloyd iterations) by scikit-learn's ``KMeans``, deterministic given ``seed``.
+
+    Nothing here needs gradients (it partitions pooled samples and places initial components), so the
+    well-kept implementation is used rather than one of our own; it runs in float64 on the CPU and the
+    results come back on ``x``'s device.
 
     Args:
         x: ``[N, ...]`` points (flattened).
         k: number of clusters, ``1 <= k <= N``.
         n_iter: maximum Lloyd iterations.
-        seed: seed of the k-means++ draws.
+        seed: seed of the k-means++ draws (``random_state``).
 
     Returns:
-        ``(labels [N], centers [k, D])``; every label in ``0..k-1`` is used.
+        ``(labels [N], centers [k, D])``; scikit-learn re-seeds empty clusters, so every label in ``0..k-1`` is
+        used when ``x`` has at least ``k`` distinct points.
 
     Raises:
-        ValueError: if ``k < 1`` or ``k > N``.
+        ValueError: if ``k < 1`` or ``k > N``, or ``x`` holds NaN or inf.
     """
+    from sklearn.cluster import KMeans
+
     check_finite("x", x)
     check_positive_int("k", k)
     check_positive_int("n_iter", n_iter)
     check_seed("seed", seed)
-    pts = x.reshape(x.shape[0], -1).double()
+    pts = x.reshape(x.shape[0], -1).detach().double().cpu().numpy()
     n = pts.shape[0]
     if k > n:
         raise ValueError(f"k must be at most the number of points ({n}), got {k}")
-    g = torch.Generator(device=pts.device).manual_seed(seed)
-    centers = pts[torch.randint(0, n, (1,), generator=g, device=pts.device)]
-    for _ in range(1, k):
-        d2 = torch.cdist(pts, centers).pow(2).min(dim=1).values
-        probs = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full_like(d2, 1.0 / n)
-        centers = torch.cat([centers, pts[torch.multinomial(probs, 1, generator=g)]])
-    labels = torch.cdist(pts, centers).argmin(dim=1)
-    for _ in range(n_iter):
-        for j in range(k):
-            members = labels == j
-            if members.any():
-                centers[j] = pts[members].mean(dim=0)
-            else:  # re-seed an empty cluster at the point farthest from its centre
-                far = torch.cdist(pts, centers).min(dim=1).values.argmax()
-                centers[j] = pts[far]
-        new = torch.cdist(pts, centers).argmin(dim=1)
-        if torch.equal(new, labels) and len(torch.unique(new)) == k:
-            break
-        labels = new
-    return labels, centers.to(x.dtype)
+    km = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=n_iter, random_state=seed).fit(pts)
+    labels = torch.from_numpy(km.labels_.astype("int64")).to(x.device)
+    centers = torch.from_numpy(km.cluster_centers_).to(device=x.device, dtype=x.dtype)
+    return labels, centers
 
 
 @torch.no_grad()

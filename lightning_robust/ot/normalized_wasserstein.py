@@ -432,7 +432,7 @@ def _pairwise_cost(x: torch.Tensor, y: torch.Tensor, power: int) -> torch.Tensor
 
 
 def _nw_sinkhorn_cost(cost: torch.Tensor, groups: torch.Tensor, k: int, proportions: torch.Tensor | None,
-                      reg: float, max_iter: int, tol: float) -> NWSinkhornResult:
+                      reg: float, max_iter: int, tol: float, method: str = "auto") -> NWSinkhornResult:
     """Iterative Bregman projections for ``min_{γ, π} <C, γ> + ε KL(γ)`` s.t. ``γ1 = 1/n`` and
     ``γᵀ1 = Σ_k π_k u_k`` (``u_k`` uniform on the columns of group ``k``), batched over ``cost [B, n, m]``.
 
@@ -440,8 +440,17 @@ def _nw_sinkhorn_cost(cost: torch.Tensor, groups: torch.Tensor, k: int, proporti
     total mass one) is affine, and its KL projection scales the columns of group ``k`` to the geometric
     mean of their current sums (renormalised), so ``π`` is optimised in closed form at every iteration.
     With ``proportions`` given, the columns are projected onto the fixed marginal instead (plain Sinkhorn).
-    Runs with the kernel ``exp(-C/ε)`` and matrix products (fast) when it cannot underflow, and in the
-    log domain otherwise.
+
+    ``method="auto"`` iterates on scaling vectors, ``γ = diag(u) K diag(v)`` with the stabilised kernel
+    ``K = exp((f ⊕ g - C) / ε)``: two matrix-vector products per iteration, into preallocated buffers, and
+    one convergence test every 10 iterations, as POT's ``sinkhorn``. Where ``exp(-C/ε)`` cannot underflow
+    (cost range below ``500 ε``) the potentials ``f, g`` stay zero and the loop runs without clamps; should a
+    scaling still leave the float range (a non-finite error at a test), it restarts stabilised. Otherwise
+    this is POT's ``sinkhorn_stabilized`` scheme: when ``u`` or ``v`` leave ``[e^-50, e^50]``, or a row or
+    column sum of ``K`` gets near the underflow limit, they are absorbed into ``f, g`` (``f += ε log u``),
+    one log-domain iteration repairs any row or column that underflowed, and ``K`` is rebuilt. Between
+    absorptions the iterates are the log-domain ones (``method="log"``, the reference, kept for tests) up to
+    rounding, and both converge to the same plan.
     """
     b, n, m = cost.shape
     eps = reg
@@ -461,45 +470,120 @@ def _nw_sinkhorn_cost(cost: torch.Tensor, groups: torch.Tensor, k: int, proporti
         log_m = mu - torch.logsumexp(mu + log_counts, dim=1, keepdim=True)
         return log_m[:, groups]
 
+    def log_iteration(f: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row and one column projection on the potentials (``γ = exp((f ⊕ g - c) / ε)``)."""
+        f = eps * (log_a - torch.logsumexp((g[:, None, :] - c) / eps, dim=2))
+        lse_cols = torch.logsumexp((f[:, :, None] - c) / eps, dim=1)  # [B, m]
+        return f, eps * (column_target(lse_cols + g / eps) - lse_cols)
+
     it = 0
-    if float(cost.max() - cost.amin(dim=(1, 2)).min()) / eps < 500:
-        # Kernel domain: γ = diag(u) K diag(v); two batched matrix products per iteration.
-        kern = torch.exp(-(cost - cost.amin(dim=(1, 2), keepdim=True)) / eps)
-        a = log_a.exp()
-        v = torch.ones(b, m, dtype=cost.dtype, device=cost.device)
-        u = a
-        fixed_b = None if fixed_log_b is None else fixed_log_b.exp()
-        kern_t = kern.transpose(1, 2).contiguous()  # row-major for the column products
-        for it in range(1, max_iter + 1):
-            kv = (kern[0] @ v[0])[None] if b == 1 else torch.bmm(kern, v[:, :, None])[:, :, 0]
-            kv = kv.clamp_min(1e-300)
-            # The columns are exact here, so u * kv is the row marginal: the test costs no extra product.
-            if it > 1 and (it % 10 == 1 or it == max_iter) and float((u * kv - a).abs().sum(dim=1).max()) < tol:
-                break
-            u = a / kv
-            ktu = (kern_t[0] @ u[0])[None] if b == 1 else torch.bmm(kern_t, u[:, :, None])[:, :, 0]
-            ktu = ktu.clamp_min(1e-300)
-            if fixed_b is not None:  # plain Sinkhorn: the columns are scaled straight to the fixed marginal
-                v = fixed_b / ktu
-            else:
-                v = column_target(v.clamp_min(1e-300).log() + ktu.log()).exp() / ktu
-        plan = u[:, :, None] * kern * v[:, None, :]
-    else:
+    if method == "log":
         f = torch.zeros(b, n, dtype=cost.dtype, device=cost.device)
         g = torch.zeros(b, m, dtype=cost.dtype, device=cost.device)
-        neg = -cost / eps
         for it in range(1, max_iter + 1):
-            f = eps * (log_a - torch.logsumexp(neg + g[:, None, :] / eps, dim=2))
-            lse_cols = torch.logsumexp(neg + f[:, :, None] / eps, dim=1)  # [B, m]
-            g = eps * (column_target(lse_cols + g / eps) - lse_cols)
+            f, g = log_iteration(f, g, cost)
             if it % 10 == 0 or it == max_iter:
-                row = torch.logsumexp(neg + f[:, :, None] / eps + g[:, None, :] / eps, dim=2).exp()
+                row = torch.logsumexp((f[:, :, None] + g[:, None, :] - cost) / eps, dim=2).exp()
                 if float((row - log_a.exp()).abs().sum(dim=1).max()) < tol:
                     break
-        plan = (neg + f[:, :, None] / eps + g[:, None, :] / eps).exp()
-    value = (plan * cost).sum(dim=(1, 2))
+        plan = ((f[:, :, None] + g[:, None, :] - cost) / eps).exp()
+    elif method == "auto":
+        plan, it = _scaling_iterations(cost, log_a, fixed_log_b, column_target, log_iteration, eps, max_iter, tol)
+    else:
+        raise ValueError(f"method must be 'auto' or 'log', got {method!r}")
+    value = torch.bmm(plan.reshape(b, 1, n * m), cost.reshape(b, n * m, 1)).view(b)  # <γ, C>, no n x m temporary
     pi = plan.sum(dim=1) @ onehot
     return NWSinkhornResult(value, pi, plan, it)
+
+
+# Scaling vectors are absorbed into the potentials when they leave [e^-50, e^50], and a row or column of
+# the kernel whose sum falls below _TINY counts as underflowing.
+_ABSORB, _TINY = 50.0, 1e-250
+
+
+def _scaling_iterations(cost: torch.Tensor, log_a: torch.Tensor, fixed_log_b: torch.Tensor | None,
+                        column_target: Callable[[torch.Tensor], torch.Tensor],
+                        log_iteration: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                tuple[torch.Tensor, torch.Tensor]],
+                        eps: float, max_iter: int, tol: float, stabilised: bool = False) -> tuple[torch.Tensor, int]:
+    """The scaling-vector loop of :func:`_nw_sinkhorn_cost` (``method="auto"``); returns ``(plan, iterations)``."""
+    b, n, m = cost.shape
+    c_min = cost.amin(dim=(1, 2), keepdim=True)  # the cost is shifted, so that the plain kernel is at most 1
+    stabilised = stabilised or float((cost.amax(dim=(1, 2), keepdim=True) - c_min).max()) / eps >= 500
+    c = cost - c_min if stabilised else cost
+    f = torch.zeros(b, n, dtype=cost.dtype, device=cost.device)
+    g = torch.zeros(b, m, dtype=cost.dtype, device=cost.device)
+    if stabilised:  # start from one log-domain iteration, so that no row or column of K is all zeros
+        f, g = log_iteration(f, g, c)
+    a = log_a.exp()
+    fixed_b = None if fixed_log_b is None else fixed_log_b.exp().expand(b, m)
+    # Every vector lives in a buffer that is only written in place, so that the product closures below can
+    # hold views of it: no allocation and no indexing in the loop (its overhead rivals a 300x300 product).
+    u = torch.ones(b, n, dtype=cost.dtype, device=cost.device)
+    v = torch.ones(b, m, dtype=cost.dtype, device=cost.device)
+    kv = torch.empty(b, n, dtype=cost.dtype, device=cost.device)
+    ktu = torch.empty(b, m, dtype=cost.dtype, device=cost.device)
+
+    def build() -> tuple[torch.Tensor, Callable[[], object], Callable[[], object]]:
+        kern = cost.sub(c_min) if not stabilised else (f[:, :, None] + g[:, None, :]).sub_(c).neg_()
+        kern = kern.div_(-eps).exp_()
+        if b == 1:  # BLAS gemv on K and on its transposed view (no transposed copy)
+            k0, kt0, u0, v0, kv0, ktu0 = kern[0], kern[0].T, u[0], v[0], kv[0], ktu[0]
+            return kern, (lambda: torch.mv(k0, v0, out=kv0)), (lambda: torch.mv(kt0, u0, out=ktu0))
+        kt, u3, v3, kv3, ktu3 = kern.transpose(1, 2), u[:, :, None], v[:, :, None], kv[:, :, None], ktu[:, :, None]
+        return kern, (lambda: torch.bmm(kern, v3, out=kv3)), (lambda: torch.bmm(kt, u3, out=ktu3))
+
+    def absorb(with_u: bool) -> None:
+        # Move the scalings into the potentials (γ unchanged), so that K is rebuilt around the current plan.
+        if with_u:
+            f.add_(u.log().mul_(eps))
+        g.add_(v.log().mul_(eps))
+        u.fill_(1.0)
+        v.fill_(1.0)
+
+    kern, k_v, kt_u = build()
+    u_fresh = False  # whether u holds the row scaling of the current iterate (False after an absorption)
+    it = 0
+    for it in range(1, max_iter + 1):
+        k_v()
+        if stabilised and float(kv.amin()) < _TINY:  # a row underflowed: absorb and repair in the log domain
+            absorb(u_fresh)
+            f, g = log_iteration(f, g, c)
+            (kern, k_v, kt_u), u_fresh = build(), False
+            k_v()
+        if stabilised:
+            kv.clamp_min_(1e-300)
+        # The columns are exact here, so u * kv is the row marginal: the test costs no extra product.
+        if u_fresh and (it % 10 == 1 or it == max_iter):
+            err = float((u * kv - a).abs().sum(dim=1).max())
+            if err < tol:
+                break
+            if not math.isfinite(err) and not stabilised:
+                # Without clamps (they cost as much as a small product), a scaling that left the float range
+                # shows here: start again with stabilised potentials.
+                return _scaling_iterations(cost, log_a, fixed_log_b, column_target, log_iteration, eps, max_iter,
+                                           tol, stabilised=True)
+        torch.div(a, kv, out=u)
+        u_fresh = True
+        kt_u()
+        if stabilised and float(ktu.amin()) < _TINY:  # a column underflowed
+            absorb(True)
+            f, g = log_iteration(f, g, c)
+            (kern, k_v, kt_u), u_fresh = build(), False
+            kt_u()
+        if stabilised:
+            ktu.clamp_min_(1e-300)
+        if fixed_b is not None:  # plain Sinkhorn: the columns are scaled straight to the fixed marginal
+            torch.div(fixed_b, ktu, out=v)
+        else:  # the current column sums are v * ktu
+            v.copy_(column_target(v.log() + ktu.log()).exp_().div_(ktu))
+        if stabilised and float(torch.stack([u.amin(), u.amax(), v.amin(), v.amax()]).log().abs().max()) > _ABSORB:
+            absorb(u_fresh)
+            (kern, k_v, kt_u), u_fresh = build(), False
+    if not stabilised:  # no absorption happened, so u is fresh
+        return kern.mul_(u[:, :, None]).mul_(v[:, None, :]), it
+    absorb(u_fresh)
+    return (f[:, :, None] + g[:, None, :]).sub_(c).div_(eps).exp_(), it
 
 
 def _components_to_support(components: Sequence[torch.Tensor] | torch.Tensor,

@@ -130,7 +130,8 @@ def nw_two_sample_test(
     pooled = torch.cat([x, y]).reshape(nx + ny, -1).double()
     n = nx + ny
     g = torch.Generator().manual_seed(seed)
-    perms = torch.stack([torch.randperm(n, generator=g) for _ in range(n_permutations)]).to(pooled.device)
+    perms = torch.stack([torch.randperm(n, generator=g, device=g.device)
+                         for _ in range(n_permutations)]).to(pooled.device)
     identity = torch.arange(n, device=pooled.device)[None]
 
     if statistic == "w":

@@ -1,85 +1,116 @@
-"""Send an image to whatever logger a Trainer has, and keep a PNG copy in the run's folder."""
+"""Send an image or a matplotlib figure to each of a Trainer's loggers through that logger's own image API.
+
+Dispatch is explicit, on the logger's type:
+
+* ``TensorBoardLogger``: ``SummaryWriter.add_figure`` for figures, ``add_image`` for image tensors;
+* ``WandbLogger``: ``WandbLogger.log_image`` (needs ``wandb``);
+* ``MLFlowLogger``: ``MlflowClient.log_image`` into the run's artifacts under ``images/`` (needs ``mlflow``);
+* ``CSVLogger`` and any other logger with a ``log_dir``: a PNG under ``<log_dir>/images/``;
+* no logger: a PNG under ``<trainer.default_root_dir>/images/`` when that folder was set explicitly; with
+  the Trainer's default (the current directory) nothing is written, with a warning, so a script never
+  litters the folder it is started from.
+
+Errors of a logger's API propagate (nothing is swallowed).
+"""
 
 from __future__ import annotations
 
-import contextlib
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
+from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_warn
+
+from lightning_robust.utils.plotting import figure_to_tensor, save_figure
 
 __all__ = ["log_image"]
 
+ImageLike = torch.Tensor | Image.Image | Figure
 
-def _to_pil(image: torch.Tensor | Image.Image) -> Image.Image:
+
+def _to_uint8(image: torch.Tensor | Image.Image) -> torch.Tensor:
+    """``[3, H, W]`` uint8 tensor from a ``[C, H, W]`` float tensor in [0, 1] (C = 1 or 3) or a PIL image."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    t = image.detach().float().cpu().clamp(0, 1)
-    if t.ndim != 3:
-        raise ValueError(f"image must be [C, H, W], got shape {tuple(t.shape)}")
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    if not torch.is_tensor(image) or image.ndim != 3 or image.shape[0] not in (1, 3):
+        shape = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
+        raise ValueError(f"image must be a [C, H, W] tensor with C = 1 or 3, a PIL image or a matplotlib Figure, "
+                         f"got {shape}")
+    t = image.detach().float().cpu()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("image holds NaN or inf values")
+    t = t.clamp(0, 1)
     if t.shape[0] == 1:
         t = t.repeat(3, 1, 1)
-    return Image.fromarray((t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    return (t * 255).round().to(torch.uint8)
 
 
-def _log_dir(trainer: Any) -> str | None:
-    """``trainer.log_dir`` without its ``strategy.broadcast``: this runs on rank 0 only, and a collective
-    called by one rank deadlocks a multi-process run."""
-    loggers = getattr(trainer, "loggers", None) or []
-    if loggers:
-        return getattr(loggers[0], "log_dir", None) or getattr(loggers[0], "save_dir", None)
-    return None
+def _file_name(tag: str, step: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', tag)}_step{step:07d}.png"
 
 
-def _png_root(trainer: Any) -> Path | None:
-    """The logger's folder, else an explicitly chosen ``default_root_dir``; never the current directory.
-
-    ``Trainer(default_root_dir=None)`` reports ``os.getcwd()``, and writing there left ``images/`` folders in
-    users' projects (and in this repository); without a logger or a chosen root the PNG is skipped.
-    """
-    log_dir = _log_dir(trainer)
-    if log_dir:
-        return Path(log_dir)
-    root = getattr(trainer, "default_root_dir", None)
-    if not root or Path(root).resolve() == Path.cwd().resolve():
-        return None
-    return Path(root)
+def _write_png(image: ImageLike, path: Path) -> Path:
+    if isinstance(image, Figure):
+        return save_figure(image, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_to_uint8(image).permute(1, 2, 0).numpy()).save(path)
+    return path
 
 
-def log_image(trainer: Any, tag: str, image: torch.Tensor | Image.Image, step: int | None = None) -> Path | None:
-    """Log ``image`` under ``tag``: to TensorBoard / W&B style loggers when present, and as a PNG.
+def _pixels(image: ImageLike) -> torch.Tensor:
+    return figure_to_tensor(image) if isinstance(image, Figure) else _to_uint8(image)
 
-    The PNG goes to ``<trainer.log_dir>/images/<tag>_step<step>.png`` on global rank 0 only (the
-    other ranks return ``None``), so it works with CSVLogger; with no logger it goes to
-    ``<default_root_dir>/images/`` when that was set to a folder other than the current directory, and
-    is skipped otherwise (the return value is then ``None``): nothing is written into the working
-    directory by default.
+
+def log_image(trainer: Any, tag: str, image: ImageLike, step: int | None = None) -> Path | None:
+    """Log ``image`` under ``tag`` with each of ``trainer.loggers`` (see the module docstring for the dispatch).
+
+    Runs on global rank 0 only (the other ranks return ``None`` at once; no collective is called, so one
+    rank logging cannot deadlock a multi-process run).
 
     Args:
         trainer: a ``pl.Trainer`` (only public attributes are used).
-        tag: name such as ``"saliency/grid"``; characters outside ``[A-Za-z0-9_.-]`` become ``_`` in the file.
-        image: ``[C, H, W]`` tensor in [0, 1] or a PIL image.
+        tag: name such as ``"saliency/grid"``; characters outside ``[A-Za-z0-9_.-]`` become ``_`` in file names.
+        image: a ``[C, H, W]`` tensor in [0, 1] (C = 1 or 3), a PIL image or a matplotlib ``Figure``.
         step: global step (defaults to ``trainer.global_step``).
+
+    Returns:
+        The path of the last PNG written (CSV-style loggers, no logger), else ``None``.
+
+    Raises:
+        ValueError: on an image of the wrong shape or with NaN/inf values.
     """
     if getattr(trainer, "global_rank", 0) != 0:
         return None
     step = int(trainer.global_step if step is None else step)
-    pil = _to_pil(image)
-    arr = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
-    for logger in getattr(trainer, "loggers", []) or []:
-        exp = getattr(logger, "experiment", None)
-        if exp is not None and hasattr(exp, "add_image"):  # TensorBoard
-            exp.add_image(tag, arr, global_step=step)
-        elif hasattr(logger, "log_image"):  # WandbLogger, NeptuneLogger, ...
-            with contextlib.suppress(TypeError):  # loggers differ in signature; PNG below is kept anyway
-                logger.log_image(key=tag, images=[pil], step=step)
-    root = _png_root(trainer)
-    if root is None:
-        return None
-    out = root / "images" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', tag)}_step{step:07d}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pil.save(out)
-    return out
+    loggers: list[Logger] = list(getattr(trainer, "loggers", None) or [])
+    written: Path | None = None
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            if isinstance(image, Figure):
+                logger.experiment.add_figure(tag, image, global_step=step, close=False)
+            else:
+                logger.experiment.add_image(tag, _to_uint8(image), global_step=step, dataformats="CHW")
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(key=tag, images=[_pixels(image).permute(1, 2, 0).numpy()], step=step)
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_image(logger.run_id, _pixels(image).permute(1, 2, 0).numpy(),
+                                        artifact_file=f"images/{_file_name(tag, step)}")
+        elif isinstance(logger, CSVLogger) or getattr(logger, "log_dir", None):
+            written = _write_png(image, Path(str(logger.log_dir)) / "images" / _file_name(tag, step))
+        else:
+            rank_zero_warn(f"log_image: {type(logger).__name__} has no image API known here and no log_dir; "
+                           f"{tag!r} is not logged by it")
+    if not loggers:
+        root = getattr(trainer, "default_root_dir", None)
+        if root is None or Path(root).resolve() == Path(os.getcwd()).resolve():
+            rank_zero_warn(f"log_image: the Trainer has no logger and no default_root_dir, so {tag!r} is not saved "
+                           "(set a logger, e.g. CSVLogger, or default_root_dir)")
+            return None
+        written = _write_png(image, Path(root) / "images" / _file_name(tag, step))
+    return written

@@ -1,36 +1,64 @@
-"""Small PNG figures drawn with Pillow (a torchvision dependency), so reports need no plotting library.
+"""Report and logging figures drawn with matplotlib (object API, Agg canvas: no pyplot state, no windows).
 
-Image grids come from :func:`torchvision.utils.make_grid`; charts (histograms, lines, scatter, bars) are
-drawn on a plain axes frame with ticks and a legend. All functions return a ``PIL.Image.Image``; call
-``.save(path)`` to write a PNG.
+Every function returns a :class:`matplotlib.figure.Figure` laid out with ``constrained_layout`` (titles
+and labels are never cut) and its legend outside the data area. Save one with :func:`save_figure` (or
+``fig.savefig(path)``), turn it into an image tensor with :func:`figure_to_tensor`, or hand it to
+:func:`~lightning_robust.utils.log_image`. Lines that coincide with an earlier series are drawn dashed
+over it and say so in the legend, so no curve hides under another unannounced.
 """
 
 from __future__ import annotations
 
-import math
+import textwrap
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import make_grid
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-__all__ = ["PALETTE", "bar_chart", "histogram", "image_grid", "line_plot", "scatter_plot"]
+__all__ = ["bar_chart", "figure_to_tensor", "histogram", "image_grid", "line_plot", "save_figure", "scatter_plot"]
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-_GREEN, _RED, _BLACK, _GREY = (0, 140, 0), (200, 0, 0), (0, 0, 0), (200, 200, 200)
-
-
-def _font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no sized default font
-        return ImageFont.load_default()
+_GREEN, _RED = "#008c00", "#c80000"
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_LINESTYLES = ("-", "--", "-.", ":")
 
 
-def _text_w(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
-    left, _, right, _ = draw.textbbox((0, 0), text, font=font)
-    return int(right - left)
+def _figure(width: float = 6.4, height: float = 3.6) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)  # the Agg canvas: rendering never needs a display
+    return fig
+
+
+def _title(fig: Figure, title: str | None, fontsize: float = 11) -> None:
+    """A figure title wrapped to the figure's width (constrained_layout makes room for it, never cuts it)."""
+    if title:
+        chars = max(16, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+        fig.suptitle(textwrap.fill(title, chars), fontsize=fontsize)
+
+
+def _legend_outside(fig: Figure, ax: object) -> None:
+    handles, labels = ax.get_legend_handles_labels()  # type: ignore[attr-defined]
+    if handles:
+        # Right of the axes (constrained_layout makes room), so the legend never covers data.
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small", frameon=False)
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG (parent folders created) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def figure_to_tensor(fig: Figure) -> torch.Tensor:
+    """The rendered figure as a ``[3, H, W]`` uint8 tensor (for loggers that take image arrays)."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1)
 
 
 def image_grid(
@@ -40,216 +68,131 @@ def image_grid(
     nrow: int = 8,
     cell: int = 64,
     title: str | None = None,
-) -> Image.Image:
-    """Tile ``images`` ([N, C, H, W] in [0, 1]) into a grid, each upscaled to ``cell`` px, with captions.
+) -> Figure:
+    """Tile ``images`` ([N, C, H, W] in [0, 1]) into a grid with one caption under each image.
 
     Args:
-        images: the images; 1-channel images are shown in grey.
-        captions: one short caption per image, drawn under it.
+        images: the images; 1-channel images are shown in grey, pixels unsmoothed.
+        captions: one short caption per image.
         correct: per image, colours its caption green (True) or red (False).
         nrow: images per row.
-        cell: displayed side of each image in pixels (nearest-neighbour upscaling keeps pixels visible).
-        title: optional title line above the grid.
+        cell: displayed side of each image in pixels.
+        title: optional title above the grid.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if captions is not None and len(captions) < len(images):
+        raise ValueError(f"captions must have one entry per image ({len(images)}), got {len(captions)}")
     imgs = images.detach().float().cpu().clamp(0, 1)
-    if imgs.shape[1] == 1:
-        imgs = imgs.repeat(1, 3, 1, 1)
-    imgs = torch.nn.functional.interpolate(imgs, size=(cell, cell), mode="nearest")
-    pad, cap_h = 4, (16 if captions is not None else 0)
-    grid = make_grid(imgs, nrow=nrow, padding=pad, pad_value=1.0)
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    body = Image.fromarray(arr)
-    nrows = math.ceil(len(imgs) / nrow)
-    top = 20 if title else 0
-    out = Image.new("RGB", (body.width, body.height + nrows * cap_h + top), "white")
-    draw = ImageDraw.Draw(out)
-    font = _font(11)
-    if title:
-        draw.text((pad, 3), title, fill=_BLACK, font=_font(13))
-    step = cell + pad
-    for r in range(nrows):
-        row = body.crop((0, r * step, body.width, (r + 1) * step + pad))
-        out.paste(row, (0, top + r * (step + cap_h)))
-    if captions is not None:
-        for i, text in enumerate(captions[: len(imgs)]):
-            r, c = divmod(i, nrow)
-            colour = _BLACK if correct is None else (_GREEN if correct[i] else _RED)
-            x = pad + c * step
-            y = top + r * (step + cap_h) + step + 1
-            draw.text((x, y), str(text)[: max(4, cell // 6)], fill=colour, font=font)
-    return out
+    n = len(imgs)
+    ncol = max(1, min(nrow, n))
+    nrows = max(1, -(-n // ncol))
+    side = cell / 100 + 0.05
+    cap = 0.22 if captions is not None else 0.0
+    fig = _figure(ncol * side + 0.2, nrows * (side + cap) + (0.35 if title else 0.1))
+    axes = fig.subplots(nrows, ncol, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i >= n:
+            continue
+        img = imgs[i].permute(1, 2, 0).numpy()
+        if img.shape[2] == 1:
+            ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(img, interpolation="nearest")
+        if captions is not None:
+            colour = "black" if correct is None else (_GREEN if correct[i] else _RED)
+            ax.set_title(str(captions[i]), fontsize=7, color=colour, pad=2, y=-0.01, va="top")
+    _title(fig, title, 9)
+    return fig
 
 
-class _Axes:
-    """A plain frame with linear axes, ticks and a legend; maps data coordinates to pixels."""
-
-    def __init__(self, title: str, xlabel: str, ylabel: str, xlim: tuple[float, float],
-                 ylim: tuple[float, float], size: tuple[int, int] = (560, 380)) -> None:
-        self.img = Image.new("RGB", size, "white")
-        self.draw = ImageDraw.Draw(self.img)
-        self.font = _font(11)
-        self.l, self.t, self.r, self.b = 62, 28, size[0] - 14, size[1] - 44
-        x0, x1 = xlim
-        y0, y1 = ylim
-        if not x1 > x0:
-            x0, x1 = x0 - 0.5, x0 + 0.5
-        if not y1 > y0:
-            y0, y1 = y0 - 0.5, y0 + 0.5
-        self.xlim, self.ylim = (x0, x1), (y0, y1)
-        d = self.draw
-        d.rectangle((self.l, self.t, self.r, self.b), outline=_BLACK)
-        d.text((self.l, 6), title, fill=_BLACK, font=_font(13))
-        d.text(((self.l + self.r) // 2 - _text_w(d, xlabel, self.font) // 2, size[1] - 18), xlabel,
-               fill=_BLACK, font=self.font)
-        d.text((4, self.t - 16), ylabel, fill=_BLACK, font=self.font)
-        for v in _ticks(x0, x1):
-            px = self.px(v, y0)[0]
-            d.line((px, self.b, px, self.b + 4), fill=_BLACK)
-            label = _fmt(v)
-            d.text((px - _text_w(d, label, self.font) // 2, self.b + 6), label, fill=_BLACK, font=self.font)
-        for v in _ticks(y0, y1):
-            py = self.px(x0, v)[1]
-            d.line((self.l - 4, py, self.l, py), fill=_BLACK)
-            d.line((self.l + 1, py, self.r - 1, py), fill=(235, 235, 235))
-            label = _fmt(v)
-            d.text((self.l - 8 - _text_w(d, label, self.font), py - 6), label, fill=_BLACK, font=self.font)
-        self.legend: list[tuple[str, tuple[int, int, int]]] = []
-
-    def px(self, x: float, y: float) -> tuple[float, float]:
-        (x0, x1), (y0, y1) = self.xlim, self.ylim
-        return (self.l + (x - x0) / (x1 - x0) * (self.r - self.l), self.b - (y - y0) / (y1 - y0) * (self.b - self.t))
-
-    def finish(self) -> Image.Image:
-        y = self.t + 6
-        if self.legend:  # a white box keeps the legend readable over the data
-            w = max(_text_w(self.draw, name, self.font) for name, _ in self.legend)
-            self.draw.rectangle((self.r - w - 30, y - 2, self.r - 4, y + 15 * len(self.legend)),
-                                fill="white", outline=_GREY)
-        for name, colour in self.legend:
-            w = _text_w(self.draw, name, self.font)
-            x = self.r - w - 26
-            self.draw.rectangle((x, y + 2, x + 12, y + 10), fill=colour)
-            self.draw.text((x + 16, y), name, fill=_BLACK, font=self.font)
-            y += 15
-        return self.img
-
-
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    span = hi - lo
-    raw = span / n
-    mag = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = math.ceil(lo / step) * step
-    out, v = [], start
-    while v <= hi + 1e-9 * span:
-        out.append(round(v, 12))
-        v += step
-    return out
-
-
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e4 or abs(v) < 1e-3:
-        return f"{v:.1e}"
-    return f"{v:.3g}"
-
-
-def _finite(values: torch.Tensor) -> torch.Tensor:
-    v = torch.as_tensor(values, dtype=torch.float64).flatten()
-    return v[torch.isfinite(v)]
+def _finite(values: torch.Tensor | Sequence[float]) -> np.ndarray:
+    v = torch.as_tensor(values, dtype=torch.float64).flatten().numpy()
+    return v[np.isfinite(v)]
 
 
 def histogram(series: Mapping[str, torch.Tensor | Sequence[float]], bins: int = 30, title: str = "",
-              xlabel: str = "", ylabel: str = "count", density: bool = False) -> Image.Image:
-    """Overlaid outline histograms of one or more series on shared bins."""
-    data = {k: _finite(torch.as_tensor(v)) for k, v in series.items()}
-    allv = torch.cat([v for v in data.values() if v.numel()] or [torch.zeros(1, dtype=torch.float64)])
+              xlabel: str = "", ylabel: str = "count", density: bool = False) -> Figure:
+    """Histograms of one or more series on shared bins (outlines when several, so each stays visible).
+
+    Non-finite values are dropped and each legend entry gives its series' count ``n``.
+    """
+    data = {k: _finite(v) for k, v in series.items()}
+    nonempty = [v for v in data.values() if v.size]
+    allv = np.concatenate(nonempty) if nonempty else np.zeros(1)
     lo, hi = float(allv.min()), float(allv.max())
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
-    counts = {}
-    for k, v in data.items():
-        c = torch.histc(v, bins=bins, min=lo, max=hi) if v.numel() else torch.zeros(bins, dtype=torch.float64)
-        if density and v.numel():
-            c = c / (v.numel() * (hi - lo) / bins)
-        counts[k] = c
-    top = max(float(c.max()) for c in counts.values()) * 1.1 or 1.0
-    ax = _Axes(title, xlabel, ylabel, (lo, hi), (0.0, top))
-    width = (hi - lo) / bins
-    for i, (k, c) in enumerate(counts.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        pts = []
-        for j, h in enumerate(c.tolist()):
-            x0p, y0p = ax.px(lo + j * width, 0)
-            x1p, y1p = ax.px(lo + (j + 1) * width, h)
-            if len(series) == 1:
-                ax.draw.rectangle((x0p, y1p, x1p, y0p), fill=colour, outline="white")
-            pts += [(x0p, y1p), (x1p, y1p)]
-        if len(series) > 1 and pts:
-            ax.draw.line(pts, fill=colour, width=2)
-        ax.legend.append((f"{k} (n={data[k].numel()})", colour))
-    return ax.finish()
+    edges = np.linspace(lo, hi, bins + 1).tolist()
+    fig = _figure()
+    ax = fig.add_subplot()
+    several = len(data) > 1
+    for i, (name, v) in enumerate(data.items()):
+        ax.hist(v, bins=edges, density=density, histtype="step" if several else "stepfilled",
+                linewidth=1.8, linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=f"{name} (n={v.size})")
+    ax.set(xlabel=xlabel, ylabel="density" if density and ylabel == "count" else ylabel)
+    _title(fig, title)
+    _legend_outside(fig, ax)
+    return fig
 
 
 def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], title: str = "",
               xlabel: str = "", ylabel: str = "", ylim: tuple[float, float] | None = None,
-              markers: bool = True) -> Image.Image:
-    """Lines through ``(x, y)`` points, one per named series."""
-    xs = [float(v) for x, _ in series.values() for v in x]
-    ys = [float(v) for _, y in series.values() for v in y if math.isfinite(float(v))]
-    xlim = (min(xs, default=0.0), max(xs, default=1.0))
-    if ylim is None:
-        lo, hi = min(ys, default=0.0), max(ys, default=1.0)
-        pad = 0.05 * (hi - lo or 1.0)
-        ylim = (lo - pad, hi + pad)
-    ax = _Axes(title, xlabel, ylabel, xlim, ylim)
+              markers: bool = True) -> Figure:
+    """Lines through ``(x, y)`` points, one per named series.
+
+    A series equal to an earlier one is drawn dashed on top of it and labelled ``(= <earlier>)``.
+    """
+    fig = _figure()
+    ax = fig.add_subplot()
+    drawn: list[tuple[str, np.ndarray, np.ndarray]] = []
     for i, (name, (x, y)) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        pts = [ax.px(float(a), float(b)) for a, b in zip(x, y) if math.isfinite(float(b))]
-        if len(pts) > 1:
-            ax.draw.line(pts, fill=colour, width=2)
-        if markers:
-            for px, py in pts:
-                ax.draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
-        ax.legend.append((name, colour))
-    return ax.finish()
+        xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        same = next((n for n, px, py in drawn if px.shape == xa.shape and np.allclose(px, xa)
+                     and np.allclose(py, ya, equal_nan=True)), None)
+        label = name if same is None else f"{name} (= {same})"
+        ax.plot(xa, ya, label=label, marker=_MARKERS[i % len(_MARKERS)] if markers else None, markersize=4,
+                linestyle="--" if same is not None else _LINESTYLES[i % len(_LINESTYLES)], linewidth=1.6)
+        drawn.append((name, xa, ya))
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    _title(fig, title)
+    ax.grid(alpha=0.3)
+    _legend_outside(fig, ax)
+    return fig
 
 
 def scatter_plot(series: Mapping[str, torch.Tensor], title: str = "", xlabel: str = "", ylabel: str = "",
-                 radius: float = 2.0) -> Image.Image:
-    """Scatter of 2-D points ([n, 2] tensors), one colour per named series."""
-    pts = {k: torch.as_tensor(v, dtype=torch.float64).reshape(-1, 2) for k, v in series.items()}
-    allp = torch.cat([p for p in pts.values() if p.numel()] or [torch.zeros(1, 2, dtype=torch.float64)])
-    lo, hi = allp.min(0).values, allp.max(0).values
-    pad = 0.05 * (hi - lo).clamp_min(1e-9)
-    ax = _Axes(title, xlabel, ylabel, (float(lo[0] - pad[0]), float(hi[0] + pad[0])),
-               (float(lo[1] - pad[1]), float(hi[1] + pad[1])), size=(480, 440))
-    for i, (name, p) in enumerate(pts.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        for a, b in p.tolist():
-            px, py = ax.px(a, b)
-            ax.draw.ellipse((px - radius, py - radius, px + radius, py + radius), fill=colour)
-        ax.legend.append((name, colour))
-    return ax.finish()
+                 radius: float = 2.0) -> Figure:
+    """Scatter of 2-D points ([n, 2] tensors), one colour and marker per named series."""
+    fig = _figure(6.4, 4.8)
+    ax = fig.add_subplot()
+    for i, (name, pts) in enumerate(series.items()):
+        p = torch.as_tensor(pts, dtype=torch.float64).reshape(-1, 2).numpy()
+        ax.scatter(p[:, 0], p[:, 1], s=(2 * radius) ** 2, alpha=0.6, marker=_MARKERS[i % len(_MARKERS)],
+                   label=f"{name} (n={len(p)})", linewidths=0)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    _title(fig, title)
+    _legend_outside(fig, ax)
+    return fig
 
 
 def bar_chart(values: Mapping[str, float], title: str = "", ylabel: str = "",
-              ylim: tuple[float, float] | None = None) -> Image.Image:
+              ylim: tuple[float, float] | None = None) -> Figure:
     """Vertical bars, one per named value, with the value printed above each bar."""
     names, vals = list(values), [float(v) for v in values.values()]
-    top = max([*vals, 0.0])
-    ylim = ylim or (min([*vals, 0.0]), top * 1.15 if top > 0 else 1.0)
-    ax = _Axes(title, "", ylabel, (0.0, float(len(vals))), ylim)
-    for i, (name, v) in enumerate(zip(names, vals)):
-        colour = PALETTE[i % len(PALETTE)]
-        x0, y0 = ax.px(i + 0.15, max(ylim[0], 0.0))
-        x1, y1 = ax.px(i + 0.85, v)
-        ax.draw.rectangle((x0, min(y0, y1), x1, max(y0, y1)), fill=colour)
-        label = _fmt(v)
-        ax.draw.text(((x0 + x1) / 2 - _text_w(ax.draw, label, ax.font) / 2, min(y0, y1) - 14), label,
-                     fill=_BLACK, font=ax.font)
-        ax.legend.append((name, colour))
-    return ax.finish()
+    fig = _figure(max(4.0, 0.9 * len(vals) + 1.5), 3.8)
+    ax = fig.add_subplot()
+    bars = ax.bar(range(len(vals)), vals, color=[f"C{i % 10}" for i in range(len(vals))])
+    ax.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=8, padding=2)
+    ax.set_xticks(range(len(vals)), names, rotation=30, ha="right", fontsize=8)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    else:
+        top = max([*vals, 0.0])
+        ax.set_ylim(min([*vals, 0.0]), top * 1.15 if top > 0 else 1.0)
+    ax.set(ylabel=ylabel)
+    _title(fig, title)
+    return fig

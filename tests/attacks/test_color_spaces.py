@@ -57,3 +57,32 @@ def test_errors():
         color_space("hsv")
     with pytest.raises(ValueError, match=r"need \[B, 3, \.\.\.\] tensors"):
         rgb_to_cieluv(torch.rand(2, 1, 4, 4))
+
+
+def _cube_points(dtype):
+    """Every node of a 16x32x32 grid over the unit cube (black, out-of-gamut chroma, L* = 0 and 100
+    included), each also moved by a random in-bound offset and clamped back to the cube."""
+    from lightning_robust.attacks.recoloradv import grid_node_positions
+
+    nodes = grid_node_positions((16, 32, 32), dtype=dtype).unsqueeze(0)
+    g = torch.Generator().manual_seed(0)
+    moved = (nodes + (torch.rand(2, *nodes.shape[1:], generator=g, dtype=dtype) * 2 - 1) * 0.06).clamp(0, 1)
+    return torch.cat([nodes, moved])
+
+
+def test_fused_gamut_round_trip_is_the_two_conversions():
+    from lightning_robust.attacks.color_spaces import cieluv_gamut_round_trip
+
+    # Same maths: in float64 the fused pass equals the two conversions up to float64 rounding.
+    p64 = _cube_points(torch.float64)
+    reference = rgb_to_cieluv(cieluv_to_rgb(p64))
+    assert (cieluv_gamut_round_trip(p64) - reference).abs().max() < 1e-10
+    # In float32 it is at least as close to that reference as the two float32 conversions it replaced
+    # (ReColorAdv's projection used them), and agrees with them within float32 rounding.
+    p32 = p64.float()
+    fused = cieluv_gamut_round_trip(p32)
+    old = rgb_to_cieluv(cieluv_to_rgb(p32, widen=False), widen=False)
+    ref32 = rgb_to_cieluv(cieluv_to_rgb(p32.double()))
+    assert fused.dtype == torch.float32
+    assert (fused.double() - ref32).abs().max() <= (old.double() - ref32).abs().max() + 1e-6
+    assert (fused - old).abs().max() < 5e-5

@@ -13,6 +13,7 @@ from lightning_robust.attacks import (
     nearest_to_target,
     project_simplex,
     simplex_least_squares,
+    simplex_projected_gradient,
 )
 
 
@@ -92,7 +93,8 @@ def test_simplex_least_squares_matches_scipy():
         assert abs(float(c.sum()) - 1) < 1e-9 and (c >= 0).all()
 
 
-def test_convex_polytope_puts_the_target_inside_the_hull():
+@pytest.mark.parametrize("solver", ["projected_gradient", "exact"])
+def test_convex_polytope_puts_the_target_inside_the_hull(solver):
     # Identity features, target = a convex combination of points near the bases: CP must (almost) reach a
     # zero loss within the eps-box, for every extractor of the ensemble.
     base = _images(4, 6)
@@ -100,7 +102,7 @@ def test_convex_polytope_puts_the_target_inside_the_hull():
     shift = 0.05 * (torch.rand(base.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) - 0.5)
     target = (mix.view(-1, 1, 1, 1) * (base + shift)).sum(0)
     ensemble = [Flat(), nn.Sequential(nn.Flatten(), nn.Identity())]
-    attack = ConvexPolytope(steps=150, lr=0.005, eps=0.05)
+    attack = ConvexPolytope(steps=150, lr=0.005, eps=0.05, coefficient_solver=solver, coeff_steps=200)
     poisons = attack(ensemble, base, target)
     assert (poisons - base).abs().max() <= 0.05 + 1e-9
     feats = [f(poisons) for f in ensemble]
@@ -109,6 +111,100 @@ def test_convex_polytope_puts_the_target_inside_the_hull():
                                  [simplex_least_squares(f(base), f(target[None])[0]) for f in ensemble])
     end = convex_polytope_loss(feats, [f(target[None]) for f in ensemble], coeffs)
     assert float(end) < 1e-3 * float(start)
+
+
+def test_project_simplex_matches_brute_force_over_supports():
+    # Reference by enumeration: on a support S the projection is v_S - (sum(v_S) - 1) / |S| (zero elsewhere);
+    # the projection is the feasible (non-negative) candidate closest to v.
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(20, 5, generator=g, dtype=torch.float64) * 1.5
+    got = project_simplex(v)
+    for row, w in zip(v, got):
+        best, best_dist = None, float("inf")
+        for mask in range(1, 2**5):
+            s = torch.tensor([(mask >> j) & 1 for j in range(5)], dtype=torch.bool)
+            cand = torch.zeros(5, dtype=torch.float64)
+            cand[s] = row[s] - (row[s].sum() - 1) / int(s.sum())
+            if (cand >= -1e-12).all() and float((cand - row).norm()) < best_dist:
+                best, best_dist = cand, float((cand - row).norm())
+        assert best is not None and torch.allclose(w, best, atol=1e-10)
+
+
+def test_simplex_projected_gradient_reaches_the_exact_minimiser_for_a_batch():
+    # The authors' coefficient update (projected gradient, warm start) converges to the minimiser that the
+    # support enumeration finds exactly; batched over an "ensemble" of three problems.
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(3, 5, 12, generator=g, dtype=torch.float64)
+    targets = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    c = simplex_projected_gradient(feats, targets, steps=20_000, tol=1e-12)
+    assert c.shape == (3, 5) and torch.allclose(c.sum(1), torch.ones(3, dtype=torch.float64)) and (c >= 0).all()
+    for fe, tg, ci in zip(feats, targets, c):
+        exact = simplex_least_squares(fe, tg)
+        obj = lambda w, fe=fe, tg=tg: float(((fe.T @ w - tg) ** 2).sum())  # noqa: E731
+        assert obj(ci) <= obj(exact) + 1e-8
+    # Unbatched call, warm-started at the answer: stays there.
+    c0 = simplex_projected_gradient(feats[0], targets[0], init=c[0], steps=10, tol=1e-12)
+    assert torch.allclose(c0, c[0], atol=1e-8)
+
+
+def _dropout_ensemble() -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 8),
+                          nn.ReLU()).double() for _ in range(3)]
+
+
+def _hull_loss(f: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
+    """CP loss of one extractor (eval mode) with exactly solved coefficients: how far t is from the hull."""
+    with torch.no_grad():
+        f.eval()
+        ft, fe = f(target[None]), f(x)
+        return float(convex_polytope_loss([fe], [ft], [simplex_least_squares(fe, ft[0])]))
+
+
+@pytest.mark.slow
+def test_convex_polytope_moves_every_poison_and_closes_the_hull_in_every_extractor():
+    # The authors' algorithm (projected-gradient coefficients) on an ensemble: every poison moves (with the
+    # exact, sparse coefficients one of these four bases stays untouched), and in every extractor's feature
+    # space the target's distance to the poisons' hull falls well below its start, decreasing along the run.
+    nets = _dropout_ensemble()
+    base = _images(4, 11)
+    target = (1 - _images(1, 12)[0]) ** 2
+    start = [_hull_loss(f, base, target) for f in nets]
+    runs = [ConvexPolytope(steps=steps, lr=0.01, eps=0.1, coeff_steps=50)(nets, base, target) for steps in (40, 80)]
+    for x in runs:
+        moved = (x - base).flatten(1).abs().amax(1)
+        assert (moved > 0.01).all(), moved
+        assert moved.max() <= 0.1 + 1e-9 and x.min() >= 0 and x.max() <= 1
+    mid, end = ([_hull_loss(f, x, target) for f in nets] for x in runs)
+    for s, m, e in zip(start, mid, end):
+        assert e <= 1.05 * m and e <= 0.35 * s, (start, mid, end)
+    # The mechanism the default avoids: exact (sparse) coefficients leave a base without gradient.
+    exact = ConvexPolytope(steps=30, lr=0.01, eps=0.1, coefficient_solver="exact")(nets, base, target)
+    assert float((exact - base).flatten(1).abs().amax(1).min()) == 0.0
+
+
+def test_convex_polytope_dropout_flag_turns_on_dropout_only_and_restores_flags():
+    seen: list[tuple[bool, bool]] = []
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, 6).double()
+            self.bn = nn.BatchNorm1d(6).double()
+            self.drop = nn.Dropout(0.3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((self.bn.training, self.drop.training))
+            return self.drop(torch.relu(self.bn(self.lin(x.flatten(1)))))
+
+    probe = Probe().eval()
+    base, target = _images(3, 13), _images(1, 14)[0]
+    ConvexPolytope(steps=2, dropout=True, coeff_steps=5)(probe, base, target)
+    assert seen and all(s == (False, True) for s in seen)  # BatchNorm in eval, dropout on
+    assert not probe.training and not probe.drop.training and not probe.bn.training
+    seen.clear()
+    ConvexPolytope(steps=2, coeff_steps=5)(probe, base, target)
+    assert seen and all(s == (False, False) for s in seen)
 
 
 def test_contract_grads_modes_inference_mode():
@@ -142,6 +238,8 @@ def test_nearest_to_target_orders_by_feature_distance():
         (lambda: FeatureCollision(lr=-1.0), "lr must be a positive number"),
         (lambda: ConvexPolytope(eps=0), "eps must be a positive number"),
         (lambda: ConvexPolytope(momentum=1.0), r"momentum must lie in \[0, 1\)"),
+        (lambda: ConvexPolytope(coefficient_solver="lstsq"), "coefficient_solver must be one of"),
+        (lambda: ConvexPolytope(dropout=1), "dropout must be a bool"),
         (lambda: LayerFeatures(nn.Linear(2, 2), "fc9"), "layer 'fc9' does not exist"),
     ],
 )

@@ -197,8 +197,8 @@ def test_embedding_pgd_respects_budget_and_rounds_to_nearest_embedding():
     assert (r[~free] == 0).all()
     res = attack(net, ids, y, mask)
     assert res.success.all() and (res.num_changed >= 1).all()
-    # A sample stops moving once its tokens fool the model, so its tokens are the rounding of its final
-    # perturbation: brute-force nearest embedding among the allowed tokens (not <pad>/<unk>).
+    # Without early stopping the tokens are the rounding of the final perturbation: brute-force nearest
+    # embedding among the allowed tokens (not <pad>/<unk>).
     pts = EMB[ids] + res.perturbation
     d = torch.cdist(pts.flatten(0, 1), EMB)
     d[:, :2] = float("inf")

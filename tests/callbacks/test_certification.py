@@ -44,7 +44,7 @@ class _GatherResults(pl.Callback):
 
 def test_logged_values_match_a_reference_and_figure_is_written(tmp_path):
     model, dm = _model(), _dm()
-    cb = CertificationCallback("decision_boundary", radii=RADII, max_samples=40)
+    cb = CertificationCallback("decision_boundary", radii=RADII, num_samples=40)
     trainer = single_trainer(tmp_path, max_epochs=1, limit_train_batches=3, callbacks=[cb])
     trainer.fit(model, datamodule=dm)
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("cert/")}
@@ -62,7 +62,7 @@ def test_logged_values_match_a_reference_and_figure_is_written(tmp_path):
         ok = (pred == y) & ((r > eps) | (eps == 0))
         assert logged[f"cert/decision_boundary/acc@{eps:g}"] == pytest.approx(float(ok.float().mean()), abs=1e-6)
     assert logged["cert/decision_boundary/acc@0"] > logged["cert/decision_boundary/acc@0.2"]
-    assert cb.state_dict() == {"last_results": cb.last_results}
+    assert cb.state_dict() == {"last_results": cb.last_results, "radii": list(RADII)}
     assert list((Path(tmp_path) / "images").glob("cert_decision_boundary_radii_step*.png"))
 
 
@@ -83,19 +83,19 @@ class _Bare(pl.LightningModule):
 def test_net_resolution_schedule_and_arguments(tmp_path):
     dm = _dm()
     for net in (None, "body"):  # the module itself, or a dotted path
-        cb = CertificationCallback("simplex", radii=(0.0,), max_samples=8, net=net, log_histogram=False)
+        cb = CertificationCallback("simplex", radii=(0.0,), num_samples=8, net=net, log_histogram=False)
         single_trainer(tmp_path, callbacks=[cb]).validate(_Bare(), datamodule=dm)
         assert set(cb.last_results) == {"cert/simplex/mean_radius", "cert/simplex/acc@0"}
     with pytest.raises(ValueError, match="net='nope'"):
         single_trainer(tmp_path, callbacks=[CertificationCallback(net="nope")]).validate(_Bare(), datamodule=dm)
     # every_n_epochs=2: nothing after the first epoch (and never during the sanity check)
-    cb = CertificationCallback("simplex", every_n_epochs=2, max_samples=8)
+    cb = CertificationCallback("simplex", every_n_epochs=2, num_samples=8)
     single_trainer(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[cb]).fit(_model(), datamodule=dm)
     assert cb.last_results == {}
     with pytest.raises(ValueError, match="method"):
         CertificationCallback("crown")
-    with pytest.raises(ValueError, match="max_samples"):
-        CertificationCallback(max_samples=0)
+    with pytest.raises(ValueError, match="num_samples"):
+        CertificationCallback(num_samples=0)
     with pytest.raises(ValueError, match=r"radii\[0\]"):
         CertificationCallback(radii=(-1.0,))
 
@@ -103,7 +103,7 @@ def test_net_resolution_schedule_and_arguments(tmp_path):
 @pytest.mark.ddp
 def test_two_processes_log_the_same_values_as_one(tmp_path):
     def run(trainer_fn, sub: str) -> tuple[dict[str, float], CertificationCallback]:
-        cb = CertificationCallback("simplex", radii=RADII, max_samples=32)
+        cb = CertificationCallback("simplex", radii=RADII, num_samples=32)
         path = tmp_path / sub
         path.mkdir()
         trainer = trainer_fn(path, callbacks=[cb, _GatherResults(str(path / "res.pt"), cb)])

@@ -25,7 +25,7 @@ def test_grid_and_metrics_logged_as_computed_directly(tmp_path, trained_digits_c
     dm = DigitsDataModule(image_size=8, batch_size=64, val_fraction=0.1, test_fraction=0.5, seed=0)
     ev = GANEvaluation(trained_digits_cnn, feature_name="smallcnn_digits", num_fake=150, kid_subset_size=50,
                        is_splits=1, seed=3)
-    grid = SampleGrid(n=16, nrow=4)
+    grid = SampleGrid(num_samples=16, nrow=4)
     gan = tiny_gan()
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=pl.loggers.CSVLogger(tmp_path), callbacks=[ev, grid],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -65,16 +65,16 @@ def test_feature_checkpoint_and_single_process_evaluate(tmp_path, trained_digits
     assert torch.allclose(ev.features(x), ClassifierFeatures(trained_digits_cnn)(x))
     dm = DigitsDataModule(image_size=8, test_fraction=0.5, seed=1)
     dm.setup("test")
-    out = ev.evaluate(SimpleNamespace(datamodule=dm, global_rank=0, world_size=1), tiny_gan())
-    again = ev.evaluate(SimpleNamespace(datamodule=dm, global_rank=0, world_size=1), tiny_gan())
+    out = ev.score(SimpleNamespace(datamodule=dm, global_rank=0, world_size=1), tiny_gan())
+    again = ev.score(SimpleNamespace(datamodule=dm, global_rank=0, world_size=1), tiny_gan())
     assert out["fid"] > 0 and out == again  # cached real statistics, same latents: same value
 
 
 def test_bad_arguments(trained_digits_cnn):
     with pytest.raises(ValueError, match="real_split must be one of"):
         GANEvaluation(trained_digits_cnn, real_split="holdout")
-    with pytest.raises(ValueError, match="every_n_epochs must be a positive integer, got 0"):
-        GANEvaluation(trained_digits_cnn, every_n_epochs=0)
+    with pytest.raises(ValueError, match="every_n_epochs must be >= 0"):
+        GANEvaluation(trained_digits_cnn, every_n_epochs=-1)
     with pytest.raises(ValueError, match=r"layer 'features\.99' does not exist"):
         GANEvaluation(trained_digits_cnn, feature_layer="features.99")
     with pytest.raises(ValueError, match="nrow must be a positive integer"):

@@ -60,7 +60,7 @@ def test_ood_variants():
 def test_logs_exact_scores_of_a_foreign_module(tmp_path):
     x = torch.randn(96, 2, generator=torch.Generator().manual_seed(0))
     loader = DataLoader(TensorDataset(x, torch.zeros(96)), batch_size=32)
-    cb = LikelihoodHistogram(ood=("uniform", "shuffled"), max_samples=80)
+    cb = LikelihoodHistogram(ood=("uniform", "shuffled"), num_samples=80)
     trainer = single_trainer(tmp_path, max_epochs=1, callbacks=[cb], num_sanity_val_steps=0)
     module = GaussianScorer()
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
@@ -80,5 +80,6 @@ def test_missing_scoring_method_is_a_clear_error(tmp_path):
     x = torch.randn(8, 2)
     loader = DataLoader(TensorDataset(x, torch.zeros(8)), batch_size=8)
     trainer = single_trainer(tmp_path, max_epochs=1, callbacks=[LikelihoodHistogram()], num_sanity_val_steps=0)
-    with pytest.raises(AttributeError, match=r"needs NoScore.log_likelihood\(x\)"):
+    with pytest.raises(ValueError, match=r"method='log_likelihood' is not a method of NoScore"):
         trainer.fit(NoScore(), train_dataloaders=loader, val_dataloaders=loader)
+    assert trainer.global_step == 0  # failed in setup, before the first step

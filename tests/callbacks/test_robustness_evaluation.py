@@ -62,10 +62,10 @@ def test_ddp_logs_the_same_numbers_as_one_process(tmp_path, trained_digits_cnn):
     dm = DigitsDataModule(batch_size=32, seed=0)  # 144 validation digits: 72 per rank, no padding
     dm.setup()
     assert len(dm.val_dataset) % 2 == 0
-    single_cb = RobustnessEvaluation(_attacks(), max_batches=None)
+    single_cb = RobustnessEvaluation(_attacks(), num_samples=144)
     single = single_trainer(tmp_path / "one", callbacks=[single_cb]).validate(
         LogitsModule(copy.deepcopy(trained_digits_cnn)), datamodule=dm, verbose=False)[0]
-    ddp_cb = RobustnessEvaluation(_attacks(), max_batches=None)
+    ddp_cb = RobustnessEvaluation(_attacks(), num_samples=144)
     ddp = ddp_trainer(tmp_path / "two", callbacks=[ddp_cb]).validate(
         LogitsModule(copy.deepcopy(trained_digits_cnn)), datamodule=dm, verbose=False)[0]
     keys = {"robust/clean_acc", "robust/pgd_acc", "robust/fgsm_acc", "robust/zero_grad_fraction",
@@ -80,7 +80,7 @@ def test_ddp_logs_the_same_numbers_as_one_process(tmp_path, trained_digits_cnn):
 def test_numbers_match_a_direct_computation_and_state_round_trips(tmp_path, trained_digits_cnn):
     dm = DigitsDataModule(batch_size=32, seed=0)
     dm.setup()
-    cb = RobustnessEvaluation({"pgd": PGD(eps=0.1, alpha=0.025, steps=5, random_start=False)}, max_batches=2)
+    cb = RobustnessEvaluation({"pgd": PGD(eps=0.1, alpha=0.025, steps=5, random_start=False)}, num_samples=64)
     module = LogitsModule(copy.deepcopy(trained_digits_cnn))
     out = single_trainer(tmp_path, callbacks=[cb]).validate(module, datamodule=dm, verbose=False)[0]
     x, y = next(iter(torch.utils.data.DataLoader(dm.val_dataset, batch_size=64)))
@@ -95,10 +95,11 @@ def test_numbers_match_a_direct_computation_and_state_round_trips(tmp_path, trai
 
 def test_every_n_epochs_and_max_batches_in_fit(tmp_path, trained_digits_cnn):
     CountingPGD.calls = 0
-    cb = RobustnessEvaluation({"pgd": CountingPGD(eps=0.1, steps=2)}, every_n_epochs=2, max_batches=2)
+    cb = RobustnessEvaluation({"pgd": CountingPGD(eps=0.1, steps=2)}, every_n_epochs=2, num_samples=64,
+                              batch_size=32)
     trainer = single_trainer(tmp_path, max_epochs=3, limit_train_batches=1, callbacks=[cb])
     trainer.fit(LogitsModule(copy.deepcopy(trained_digits_cnn)), datamodule=DigitsDataModule(batch_size=32))
-    assert CountingPGD.calls == 2  # epoch index 1 only (sanity check skipped), two batches
+    assert CountingPGD.calls == 2  # epoch index 1 only (sanity check skipped), two chunks of 32
     assert "robust/pgd_acc" in trainer.callback_metrics
 
 
@@ -106,7 +107,7 @@ def test_warns_on_signs_of_a_dishonest_evaluation(tmp_path, trained_digits_cnn):
     dm = DigitsDataModule(batch_size=64, seed=0)
     # "Helping" attack: targeted PGD towards the true label makes the model more accurate than clean.
     helping = PGD(eps=0.2, alpha=0.05, steps=5, targeted=True, random_start=False)
-    cb = RobustnessEvaluation({"helping": helping, "broken": OutOfBudget()}, max_batches=2)
+    cb = RobustnessEvaluation({"helping": helping, "broken": OutOfBudget()}, num_samples=128)
     with pytest.warns(UserWarning, match="RobustnessEvaluation") as record:
         single_trainer(tmp_path, callbacks=[cb]).validate(LogitsModule(copy.deepcopy(trained_digits_cnn)),
                                                           datamodule=dm, verbose=False)
@@ -114,7 +115,7 @@ def test_warns_on_signs_of_a_dishonest_evaluation(tmp_path, trained_digits_cnn):
     assert "'helping'" in text and "above clean accuracy" in text
     assert "'broken' lie outside its budget" in text and cb.results["broken_violations"] == 128
     # Logits scaled by 1e4 saturate the softmax: the loss gradient vanishes (gradient masking).
-    masked = RobustnessEvaluation({"pgd": PGD(eps=0.1, steps=2)}, max_batches=1)
+    masked = RobustnessEvaluation({"pgd": PGD(eps=0.1, steps=2)}, num_samples=64)
     with pytest.warns(UserWarning, match="all-zero loss gradient"):
         single_trainer(tmp_path, callbacks=[masked]).validate(
             LogitsModule(copy.deepcopy(trained_digits_cnn), scale=1e4), datamodule=dm, verbose=False)
@@ -122,15 +123,18 @@ def test_warns_on_signs_of_a_dishonest_evaluation(tmp_path, trained_digits_cnn):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        (dict(attacks={}), "attacks must be a non-empty mapping"),
-        (dict(attacks={"pgd": "PGD"}), r"attacks\['pgd'\] must be an Attack"),
-        (dict(attacks={"pgd": PGD()}, every_n_epochs=0), "every_n_epochs must be a positive integer"),
-        (dict(attacks={"pgd": PGD()}, max_batches=0), "max_batches must be a positive integer"),
-        (dict(attacks={"pgd": PGD()}, zero_grad_tolerance=2.0), r"zero_grad_tolerance must lie in \[0, 1\]"),
+        (dict(attacks={}), ValueError, "attacks must be a non-empty mapping"),
+        (dict(attacks={"pgd": "PGD"}), TypeError, r"attacks\['pgd'\] must be an Attack or a callable"),
+        (dict(attacks=[PGD()]), TypeError, "attacks must be a mapping"),
+        (dict(attacks={"pgd": PGD()}, every_n_epochs=-1), ValueError, "every_n_epochs must be >= 0"),
+        (dict(attacks={"pgd": PGD()}, every_n_epochs=1.5), TypeError, "every_n_epochs must be an int"),
+        (dict(attacks={"pgd": PGD()}, num_samples=0), ValueError, "num_samples must be a positive integer"),
+        (dict(attacks={"pgd": PGD()}, zero_grad_tolerance=2.0), ValueError,
+         r"zero_grad_tolerance must lie in \[0, 1\]"),
     ],
 )
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
         RobustnessEvaluation(**kwargs)

@@ -211,3 +211,28 @@ def test_certificate_never_exceeds_monte_carlo_overlap_under_random_perturbation
         slack = ((moved.flatten(1) - kth).abs() <= 2 * err).sum(1)
         assert (cert <= observed + slack).all(), (cert, observed, slack)
         assert (cert <= observed).float().mean() >= 0.75
+
+
+def test_default_batch_size_follows_the_input_size_and_changes_no_result():
+    from lightning_robust.interpret.saliency import AUTO_BATCH_ELEMENTS, auto_batch_size
+
+    # Memory-bounded: at most the element budget per forward (one input at least), never more than needed.
+    assert auto_batch_size(torch.zeros(4, 1, 8, 8), 50) == 200
+    big = torch.zeros(2, 3, 224, 224)
+    assert auto_batch_size(big, 50) == AUTO_BATCH_ELEMENTS // big[0].numel()
+    assert auto_batch_size(big, 50) * big[0].numel() <= AUTO_BATCH_ELEMENTS
+    assert auto_batch_size(torch.zeros(1, AUTO_BATCH_ELEMENTS * 2), 3) == 1
+    # The noise is drawn in the same order whatever the chunking, so the default call equals the
+    # one-noisy-input-at-a-time computation (up to float summation order).
+    from lightning_robust.nets import SmallCNN
+
+    torch.manual_seed(0)
+    net = CountingNet(SmallCNN(input_size=8).double().eval())
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 3, 7])
+    for fn in (smoothgrad, scaled_smoothgrad, sparsified_smoothgrad):
+        net.sizes.clear()
+        auto = fn(net, x, target, n_samples=20, generator=torch.Generator().manual_seed(1))
+        assert net.sizes == [60]  # all 3 x 20 noisy copies in one pass
+        one = fn(net, x, target, n_samples=20, batch_size=1, generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(auto, one, atol=1e-10), fn.__name__

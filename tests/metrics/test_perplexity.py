@@ -7,8 +7,17 @@ import pytest
 import torch
 
 from lightning_robust.attacks import SPGD
-from lightning_robust.metrics import evaluate_text_attack, load_causal_lm, per_word_perplexity, train_causal_lm
+from lightning_robust.metrics import (
+    evaluate_text_attack,
+    load_causal_lm,
+    load_word_lm,
+    per_word_perplexity,
+    sliding_windows,
+    train_causal_lm,
+    train_word_lm,
+)
 from lightning_robust.metrics.perplexity import _word_level_tokenizer
+from lightning_robust.nets import WordLanguageModel
 from lightning_robust.utils.text import WordVocabulary, basic_tokenize
 from tests.attacks.test_spgd import BagNet, _batch
 from tests.helpers.imdb import synthetic_review
@@ -46,12 +55,100 @@ def test_batched_perplexity_matches_the_models_own_loss():
     assert torch.allclose(got, per_word_perplexity(model, tok, TEXTS, batch_size=1))
 
 
-def test_truncation_scores_the_first_tokens():
+def _token_logp_brute_force(model, ids, context, stride):
+    """log p(token t | its window) for t >= 1, the window of token t written out independently of the library:
+    tokens 1 .. context-1 are scored from position 0, token t >= context from the window starting at
+    stride * ((t - context + stride) // stride)."""
+    out = []
+    for t in range(1, len(ids)):
+        start = 0 if t < context else stride * ((t - context + stride) // stride)
+        assert t - start >= context - stride or start == 0  # at least context - stride tokens of context
+        window = torch.tensor([ids[start: t]])  # the tokens before t in its window; the last position predicts t
+        with torch.no_grad():
+            logits = model(input_ids=window).logits[0, -1]
+        out.append(float(torch.log_softmax(logits.double(), -1)[ids[t]]))
+    return out
+
+
+def test_long_texts_are_scored_whole_with_overlapping_windows():
     model, tok = _tiny_lm()
-    long = " ".join(["the movie was good"] * 20)
-    short = " ".join(basic_tokenize(long)[:9])
-    assert per_word_perplexity(model, tok, [long], max_length=10).item() == pytest.approx(
-        per_word_perplexity(model, tok, [short]).item(), rel=1e-5)
+    words = ["the", "movie", "was", "good", "a", "bad", "film", "plot", "story", "director", "it", "like"]
+    rng = random.Random(0)
+    text = " ".join(rng.choice(words) for _ in range(45))  # 46 tokens with <bos>: 5 windows of 10, stride 7
+    ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+    want = math.exp(-sum(_token_logp_brute_force(model, ids, 10, 7)) / len(basic_tokenize(text)))
+    got = per_word_perplexity(model, tok, [text, text], max_length=10, stride=7, batch_size=3)
+    assert got.tolist() == pytest.approx([want, want], rel=1e-6)
+    # Changing a word far beyond the first context changes the score (it used to be silently truncated).
+    changed = text.split()
+    changed[40] = "director" if changed[40] != "director" else "plot"
+    assert per_word_perplexity(model, tok, [" ".join(changed)], max_length=10, stride=7).item() != pytest.approx(
+        got[0].item(), rel=1e-9)
+
+
+def test_text_within_the_context_is_one_window_and_scores_as_before():
+    model, tok = _tiny_lm()
+    for text in TEXTS:
+        ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+        want = math.exp(-sum(_token_logp_brute_force(model, ids, 32, 16)) / len(basic_tokenize(text)))
+        # default window = the model's context (32), which every text here fits: nothing depends on the stride
+        for stride in (None, 1, 31):
+            assert per_word_perplexity(model, tok, [text], stride=stride).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_sliding_windows_cover_every_token_once():
+    for n, c, s in ((5, 10, 5), (10, 10, 5), (11, 10, 5), (46, 10, 7), (100, 8, 1)):
+        wins = sliding_windows(n, c, s)
+        scored = [t for start, end, first in wins for t in range(first, end)]
+        assert scored == list(range(1, n))
+        assert all(end - start <= c and first - start >= (0 if k == 0 else c - s)
+                   for k, (start, end, first) in enumerate(wins))
+    with pytest.raises(ValueError, match="stride"):
+        sliding_windows(20, 10, 10)
+
+
+def test_word_lm_perplexity_uses_its_exact_adaptive_softmax_log_probs():
+    vocab = WordVocabulary.build(TEXTS * 3 + ["x" + str(i) for i in range(40)])
+    tok = _word_level_tokenizer(vocab)
+    torch.manual_seed(0)
+    lm = WordLanguageModel(len(tok), context=8, dim=16, layers=1, heads=2, ff=32, cutoffs=(10, 30)).eval()
+    text = TEXTS[1] + " " + TEXTS[3]
+    ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+    nll = 0.0
+    for t in range(1, len(ids)):
+        start = 0 if t < 8 else 4 * ((t - 8 + 4) // 4)
+        with torch.no_grad():
+            h = lm.hidden(torch.tensor([ids[start: t]]))[0, -1:]
+            nll -= float(lm.out.log_prob(h)[0, ids[t]])  # the full normalised distribution
+    want = math.exp(nll / len(basic_tokenize(text)))
+    assert per_word_perplexity(lm, tok, [text], stride=4).item() == pytest.approx(want, rel=1e-5)
+    # Causality: changing a later token leaves earlier log-probabilities unchanged.
+    x = torch.tensor([ids[:8]])
+    y = x.clone()
+    y[0, 6] = 5
+    with torch.no_grad():
+        assert torch.allclose(lm.token_log_probs(x)[0, :5], lm.token_log_probs(y)[0, :5], atol=1e-6)
+
+
+def test_train_word_lm_early_stops_and_reloads(tmp_path):
+    rng = random.Random(0)
+    texts = [synthetic_review(i % 2, rng, length=10) for i in range(120)]
+    vocab = WordVocabulary.build(texts, max_size=60)
+    info = train_word_lm(texts[:100], texts[100:], vocab, tmp_path / "lm", context=16, dim=16, layers=1, heads=2,
+                         ff=32, cutoffs=(10, 30), batch_size=8, lr=1e-2, max_steps=150, eval_every=10, patience=2)
+    ppls = [p for _, p in info["history"]]
+    assert info["heldout_ppl"] == pytest.approx(min(ppls)) and info["heldout_ppl"] < 40
+    if info["stopped"] == "plateau":
+        assert ppls[-1] >= info["heldout_ppl"] - 1e-3 and ppls[-2] >= info["heldout_ppl"] - 1e-3
+    lm, tok = load_word_lm(tmp_path / "lm")
+    # the saved model is the best one: its held-out perplexity is the reported one
+    held = []
+    for t in texts[100:]:
+        held.extend([tok.bos_token_id, *vocab.encode(t)])
+    n = len(held) // 16
+    with torch.no_grad():
+        logp = lm.token_log_probs(torch.tensor(held[: n * 16]).view(n, 16))
+    assert math.exp(float(-logp.double().mean())) == pytest.approx(info["heldout_ppl"], rel=1e-4)
 
 
 def test_trained_lm_prefers_real_word_order(tmp_path):

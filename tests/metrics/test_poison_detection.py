@@ -43,3 +43,29 @@ def test_perfect_and_degenerate_filters():
     assert float(nothing["precision"]) == 0.0 and float(nothing["mcc"]) == 0.0 and float(nothing["f1"]) == 0.0
     with pytest.raises(ValueError, match="removed and poisoned must have the same shape"):
         poison_detection_scores(poisoned[:3], poisoned)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_counts_match_scikit_learn_confusion_matrix_and_metric_matches_function(seed):
+    from sklearn.metrics import confusion_matrix
+
+    g = torch.Generator().manual_seed(seed)
+    poisoned = torch.rand(150, generator=g) < 0.3
+    removed = torch.rand(150, generator=g) < 0.4
+    tn, fp, fn, tp = confusion_matrix(poisoned.numpy(), removed.numpy(), labels=[False, True]).ravel()
+    s = poison_detection_scores(removed, poisoned)
+    assert (int(s["poisons_removed"]), int(s["clean_removed"]), int(s["poisons_kept"])) == (tp, fp, fn)
+    assert float(s["false_positive_rate"]) == pytest.approx(fp / (fp + tn))
+    metric = PoisonDetection()
+    metric.update(removed[:70], poisoned[:70])
+    metric.update(removed[70:], poisoned[70:])
+    assert {k: float(v) for k, v in metric.compute().items()} == pytest.approx({k: float(v) for k, v in s.items()})
+
+
+def test_all_poisoned_and_all_removed_has_no_false_positives():
+    everything = torch.ones(4, dtype=torch.bool)
+    s = poison_detection_scores(everything, everything)
+    assert float(s["false_positive_rate"]) == 0.0 and float(s["recall"]) == 1.0
+    metric = PoisonDetection()
+    metric.update(everything, everything)
+    assert float(metric.compute()["false_positive_rate"]) == 0.0

@@ -117,6 +117,74 @@ def test_training_loss_is_kl_of_student_on_pgd_examples_to_teacher_on_clean(trai
     assert paper_scheduler(sgd).milestones == {100: 1, 150: 1}
 
 
+def _one_sgd_step(tmp_path, student, teacher, x, y, **kw) -> list[torch.Tensor]:
+    """Parameter change of one plain-SGD (lr 1, no momentum) training step of ARDStudent on (x, y)."""
+    model = ARDStudent(copy.deepcopy(student), teacher, attack=PGD(eps=0.1, alpha=0.03, steps=2), temperature=4.0,
+                       optimizer=partial(torch.optim.SGD, lr=1.0), seed=3, **kw)
+    before = [p.detach().clone() for p in model.parameters()]
+    _trainer(tmp_path, max_steps=1).fit(model, DataLoader(TensorDataset(x, y), batch_size=len(y)))
+    return [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+
+def test_kl_reduction_mean_takes_one_over_classes_of_the_batchmean_step(tmp_path, trained_digits_cnn):
+    # The authors' nn.KLDivLoss() ("mean") step is the true-KL ("batchmean") step divided by the 10 classes
+    # (same batch, same attack draws: the attack does not depend on the reduction).
+    # In float64, so that "after - before" keeps the step's digits.
+    torch.manual_seed(0)
+    student, teacher = SmallCNN(input_size=8).double(), copy.deepcopy(trained_digits_cnn).double()
+    x, y = load_digits_tensors(8, 1)
+    x, y = x[:32].double(), y[:32]
+    mean = _one_sgd_step(tmp_path, student, teacher, x, y, kl_reduction="mean")
+    batchmean = _one_sgd_step(tmp_path, student, teacher, x, y, kl_reduction="batchmean")
+    assert any(float(d.abs().max()) > 0 for d in batchmean)
+    for a, b in zip(mean, batchmean):
+        assert torch.allclose(a * 10, b, rtol=1e-8, atol=1e-14)
+
+
+class _ModeProbe(nn.Module):
+    """A BatchNorm + dropout student that records, per forward pass, whether BatchNorm and dropout train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_classes = 10
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5),
+                                  nn.Linear(32, 10))
+        self.seen: list[tuple[bool, bool, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((torch.is_grad_enabled() and x.requires_grad, self.body[2].training, self.body[4].training))
+        return self.body(x)
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_attack_train_mode_attacks_the_student_with_batchnorm_and_dropout_active(tmp_path, trained_digits_cnn,
+                                                                                train_mode):
+    # The authors run PGD on the student in train mode: every attack forward pass (input requires grad) sees
+    # BatchNorm and dropout in training mode, BatchNorm's running statistics move during the attack, and the
+    # student's flags are as before afterwards. The default attacks in eval mode: running stats untouched.
+    torch.manual_seed(0)
+    student = _ModeProbe()
+    attack = PGD(eps=0.1, alpha=0.03, steps=3)
+    model = ARDStudent(student, trained_digits_cnn, attack=attack, attack_train_mode=train_mode)
+    assert attack.model_mode == "eval"  # the caller's attack object is not modified
+    x, y = load_digits_tensors(8, 1)
+    x, y = x[:16], y[:16]
+    model.train()
+    bn = student.body[2]
+    tracked = int(bn.num_batches_tracked)
+    x_adv = model.train_attack(model, x, y)
+    attack_passes = [s for s in student.seen if s[0]]
+    assert len(attack_passes) == 3 and not torch.equal(x_adv, x)
+    assert all(s[1:] == (train_mode, train_mode) for s in attack_passes)
+    assert int(bn.num_batches_tracked) - tracked == (3 if train_mode else 0)
+    assert model.training and bn.training and student.body[4].training  # flags restored
+    model.eval()
+    model.train_attack(model, x, y)
+    assert not model.training and not bn.training and not student.body[4].training
+    with pytest.raises(ValueError, match="attack_train_mode must be a bool"):
+        ARDStudent(_ModeProbe(), trained_digits_cnn, attack_train_mode="yes")
+
+
 def test_teacher_is_frozen_unregistered_and_its_accuracy_logged_once(tmp_path, trained_digits_cnn):
     teacher = copy.deepcopy(trained_digits_cnn).train()
     before = flat_params(teacher)
@@ -128,7 +196,7 @@ def test_teacher_is_frozen_unregistered_and_its_accuracy_logged_once(tmp_path, t
     model.train()
     assert not teacher.training
     dm = DigitsDataModule(batch_size=64, seed=0)
-    evaluation = RobustnessEvaluation({"pgd20": PGD(eps=0.1, alpha=0.025, steps=20)}, max_batches=2)
+    evaluation = RobustnessEvaluation({"pgd20": PGD(eps=0.1, alpha=0.025, steps=20)}, num_samples=128)
     trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=None,
                        enable_checkpointing=True, logger=pl.loggers.CSVLogger(tmp_path), callbacks=[evaluation])
     trainer.fit(model, datamodule=dm)

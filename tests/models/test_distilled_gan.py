@@ -196,7 +196,7 @@ def test_ddp_ranks_agree_and_fid_equals_one_process(tmp_path, trained_digits_cnn
     torch.manual_seed(0)
     model = DistilledGAN(teacher_net(), student_net(), DCGANDiscriminator(8, 1, 2), mode="joint", n_critic=2,
                          ema_decay=0.9)
-    grid = SampleGrid(n=16, nrow=4)
+    grid = SampleGrid(num_samples=16, nrow=4)
     trainer = ddp_trainer(tmp_path, find_unused_parameters=True, max_epochs=1,
                           callbacks=[evaluation(), grid, RankGather(tmp_path / "p.pt"),
                                      SaveMetrics(str(tmp_path / "m.pt"))])

@@ -152,7 +152,7 @@ def test_bad_arguments():
 def test_fit_logs_the_dual_parts_and_scores_inputs(tmp_path):
     gan = make_gan()
     dm = GaussianMixtureDataModule(n_train=512, n_test=0, val_fraction=0.25, batch_size=64)
-    trainer = single_trainer(tmp_path, max_epochs=2, callbacks=[LikelihoodHistogram(max_samples=64)])
+    trainer = single_trainer(tmp_path, max_epochs=2, callbacks=[LikelihoodHistogram(num_samples=64)])
     trainer.fit(gan, datamodule=dm)
     logged = trainer.callback_metrics
     for key in ("train/d_loss", "train/g_loss", "train/transport", "train/coupling_mass", "train/reg",
@@ -218,7 +218,7 @@ def _final_scores(trainer: pl.Trainer, module: pl.LightningModule) -> torch.Tens
 def test_ddp_ranks_agree_and_gathered_scores_match_one_process(tmp_path):
     gan = make_gan()
     dm = GaussianMixtureDataModule(n_train=512, n_test=0, val_fraction=0.25, batch_size=32)
-    cb = LikelihoodHistogram(max_samples=1024, ood=("uniform",))
+    cb = LikelihoodHistogram(num_samples=1024, ood=("uniform",))
     trainer = ddp_trainer(tmp_path, find_unused_parameters=True, max_epochs=1, num_sanity_val_steps=0,
                           callbacks=[cb, RankGather(tmp_path / "p.pt", fn=_final_scores)])
     trainer.fit(gan, datamodule=dm)

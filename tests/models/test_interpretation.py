@@ -203,7 +203,7 @@ class MetricSync(pl.Callback):
 
 
 def _certified(trainer, module):
-    names = [SaliencyCertification.metric_name(r) for r in (0.05, 0.1)]
+    names = [f"saliency/certified_topk@{r:g}" for r in (0.05, 0.1)]
     return torch.stack([trainer.callback_metrics[n].double().cpu() for n in names])
 
 

@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_robust.attacks import SPGD, EmbeddingPGD
+from lightning_robust.attacks import SPGD, AdvTText, EmbeddingPGD, IAdvTText
 from lightning_robust.datamodules import IMDBDataModule
 from lightning_robust.models import TextClassifier
 from lightning_robust.nets import WordVectorClassifier
@@ -51,6 +51,41 @@ def test_training_loss_is_clean_plus_weighted_adversarial(mode):
     assert net.head.weight.grad is not None
 
 
+@pytest.mark.parametrize("attack", [AdvTText(xi=1.0), IAdvTText(xi=1.0, num_neighbours=3),
+                                    SPGD(max_words=2, steps=2)], ids=["advt", "iadvt", "spgd"])
+def test_adversarial_loss_uses_a_train_mode_perturbation_and_equals_the_loss_there(attack):
+    # Miyato et al. and Sato et al. take the adversarial gradient with dropout on: the training loss must equal
+    # clean + lambda * CE at E[x] + r, with r the attack's perturbation computed in train mode, replayed here
+    # with the same random stream (one dropout draw for the clean pass, one for the gradient, one for the
+    # adversarial pass).
+    torch.manual_seed(0)
+    net = WordVectorClassifier(vocab_size=40, embedding_dim=8, hidden_size=8, dropout=0.5)
+    model = TextClassifier(net, attack=attack, adversarial_weight=0.5).train()
+    batch = _batch()
+    ids, mask, y = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    torch.manual_seed(1)
+    loss = model.training_step(batch, 0)
+    torch.manual_seed(1)
+    clean = F.cross_entropy(net(ids, mask), y)
+    r = attack.embedding_perturbation(net, ids, y, mask, model_mode="train")
+    adv = F.cross_entropy(net(inputs_embeds=net.embedding(ids) + r, attention_mask=mask), y)
+    assert net.training
+    assert loss.item() == pytest.approx((clean + 0.5 * adv).item(), rel=1e-5)
+    # dropout was active in the perturbation's gradient: the eval-mode perturbation is a different one
+    torch.manual_seed(1)
+    net(ids, mask)
+    assert not torch.allclose(r, attack.embedding_perturbation(net, ids, y, mask))
+    # and perturbation_mode="attack" uses the attack's own (eval) mode
+    model_eval = TextClassifier(net, attack=attack, adversarial_weight=0.5, perturbation_mode="attack").train()
+    torch.manual_seed(1)
+    loss_eval = model_eval.training_step(batch, 0)
+    torch.manual_seed(1)
+    clean = F.cross_entropy(net(ids, mask), y)
+    r_eval = attack.embedding_perturbation(net, ids, y, mask)
+    adv = F.cross_entropy(net(inputs_embeds=net.embedding(ids) + r_eval, attention_mask=mask), y)
+    assert loss_eval.item() == pytest.approx((clean + 0.5 * adv).item(), rel=1e-5)
+
+
 def test_checkpoint_has_only_primitive_hparams(tmp_path):
     imdb = make_imdb_folder(tmp_path / "imdb", n_train=6, n_test=2)
     dm = IMDBDataModule(str(imdb), tokenizer="word", vocab_size=40, batch_size=4, val_fraction=0.25)
@@ -72,6 +107,8 @@ def test_bad_arguments():
         TextClassifier(_net(), attack=SPGD(), adversarial_mode="pixels")
     with pytest.raises(ValueError, match="evaluate_attack=True needs an attack"):
         TextClassifier(_net(), evaluate_attack=True)
+    with pytest.raises(ValueError, match="perturbation_mode must be one of"):
+        TextClassifier(_net(), attack=AdvTText(), perturbation_mode="eval")
     with pytest.raises(TypeError, match="attack must be a TextAttack"):
         TextClassifier(_net(), attack="spgd")
 

@@ -16,6 +16,7 @@ from lightning_robust.ot import (
     normalized_wasserstein_sinkhorn,
     sample_mixture,
 )
+from lightning_robust.ot.normalized_wasserstein import _nw_sinkhorn_cost, _pairwise_cost
 
 MEANS = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
 
@@ -153,6 +154,53 @@ def test_sinkhorn_nw_matches_linear_program_and_pot():
     # Optimising π can only lower the cost, and here it recovers the target's proportions.
     assert float(res.value) < float(normalized_wasserstein_sinkhorn(x, comps, proportions=[1 / 3] * 3, reg=0.005,
                                                                     max_iter=5000).value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed-pi", "nw"])
+def test_scaling_path_matches_log_domain_where_the_kernel_underflows(fixed):
+    # ε = 3e-3 x mean cost: exp(-C/ε) underflows to 0 on a whole row, so the scaling-vector path must absorb
+    # its vectors into stabilised potentials (and repair underflowed rows in the log domain). Both paths
+    # solve the same problem to tol 1e-12; their plans, values and proportions must agree to rounding.
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([mu + 0.4 * torch.randn(n, 2, generator=g) for mu, n in zip(MEANS, (20, 12, 8))]
+                  + [torch.tensor([[9.0, -4.0]])]).double()  # an outlier: its whole kernel row underflows
+    comps = [mu + 0.4 * torch.randn(m, 2, generator=g) for mu, m in zip(MEANS, (9, 14, 11))]
+    support = torch.cat(comps).double()
+    groups = torch.cat([torch.full((len(c),), i) for i, c in enumerate(comps)])
+    cost = _pairwise_cost(x, support, 1)
+    eps = 3e-3 * float(cost.mean())
+    assert bool((torch.exp(-(cost - cost.min()) / eps).sum(dim=1) == 0).any())  # so the kernel alone fails
+    pi = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64) if fixed else None
+    fast = _nw_sinkhorn_cost(cost[None], groups, 3, pi, eps, 50_000, 1e-12)
+    ref = _nw_sinkhorn_cost(cost[None], groups, 3, pi, eps, 50_000, 1e-12, method="log")
+    assert fast.iterations < 50_000 and ref.iterations < 50_000
+    assert torch.allclose(fast.plan, ref.plan, rtol=0, atol=1e-10)
+    assert float(fast.value) == pytest.approx(float(ref.value), rel=1e-10)
+    assert torch.allclose(fast.proportions, ref.proportions, rtol=0, atol=1e-10)
+    assert float((fast.plan[0].sum(1) - 1 / len(x)).abs().sum()) < 1e-12
+    with pytest.raises(ValueError, match="method"):
+        _nw_sinkhorn_cost(cost[None], groups, 3, pi, eps, 10, 1e-6, method="kernel")
+
+
+@pytest.mark.parametrize("rel_reg", [0.05, 0.003], ids=["plain-kernel", "stabilised"])
+def test_batched_scaling_path_matches_log_domain(rel_reg):
+    # The two-sample test solves a batch of problems at once (bmm into buffers); each must be the log-domain
+    # solution of its own problem.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 12, 2, generator=g, dtype=torch.float64) * 1.5
+    support = torch.cat([mu + 0.4 * torch.randn(6, 2, generator=g) for mu in MEANS]).double()
+    groups = torch.arange(3).repeat_interleave(6)
+    cost = torch.stack([_pairwise_cost(xi, support, 1) for xi in x])
+    eps = rel_reg * float(cost.mean())
+    assert (float(cost.max() - cost.min()) / eps >= 500) == (rel_reg < 0.01)  # which path runs
+    fast = _nw_sinkhorn_cost(cost, groups, 3, None, eps, 50_000, 1e-12)
+    ref = _nw_sinkhorn_cost(cost, groups, 3, None, eps, 50_000, 1e-12, method="log")
+    assert torch.allclose(fast.plan, ref.plan, rtol=0, atol=1e-10)
+    assert torch.allclose(fast.value, ref.value, rtol=1e-10, atol=0)
+    for i in range(3):  # and batching changes nothing
+        one = _nw_sinkhorn_cost(cost[i:i + 1], groups, 3, None, eps, 50_000, 1e-12)
+        assert torch.allclose(one.plan[0], fast.plan[i], rtol=0, atol=1e-10)
 
 
 def test_nw_is_small_where_w_is_large_for_reweighted_mixtures():

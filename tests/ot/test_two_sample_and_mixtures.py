@@ -120,3 +120,32 @@ def test_mixture_recovery_errors_match_the_authors_definition():
     assert good["empty_modes"] == 1
     with pytest.raises(ValueError, match="proportions has 3 entries but there are 4 means"):
         mixture_recovery_errors(samples, CENTERS, torch.as_tensor(covs), [0.5, 0.3, 0.2])
+
+
+def _lloyd_reference(x: torch.Tensor, k: int, seed: int) -> float:
+    """The inertia of the hand-written k-means++ / Lloyd that kmeans used before scikit-learn (a reference)."""
+    pts = x.double()
+    g = torch.Generator().manual_seed(seed)
+    centers = pts[torch.randint(0, len(pts), (1,), generator=g)]
+    for _ in range(1, k):
+        d2 = torch.cdist(pts, centers).pow(2).min(dim=1).values
+        centers = torch.cat([centers, pts[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])
+    for _ in range(100):
+        labels = torch.cdist(pts, centers).argmin(dim=1)
+        centers = torch.stack([pts[labels == j].mean(0) if (labels == j).any() else centers[j] for j in range(k)])
+    return float(torch.cdist(pts, centers).pow(2).min(dim=1).values.sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_cluster_quality_matches_scikit_learn_and_the_former_torch_lloyd(seed):
+    from sklearn.cluster import KMeans
+
+    g = torch.Generator().manual_seed(seed)
+    x, _ = _draw([0.4, 0.3, 0.2, 0.1], 300, g)
+    labels, centers = kmeans(x, 4, seed=seed)
+    inertia = float(((x.double() - centers.double()[labels]) ** 2).sum())
+    best_of_10 = KMeans(n_clusters=4, n_init=10, random_state=seed).fit(x.double().numpy()).inertia_
+    assert inertia == pytest.approx(best_of_10, rel=1e-3)  # well-separated blobs: every start finds the optimum
+    assert inertia <= _lloyd_reference(x, 4, seed) * (1 + 1e-3)
+    assert sorted(torch.bincount(labels, minlength=4).tolist())[0] > 0
+    assert labels.dtype == torch.long and centers.dtype == x.dtype

@@ -32,6 +32,7 @@ RECIPES: dict[str, Callable[[], dict[str, Any]]] = {
     # attacks
     "attack_loss": lambda: {"logits": torch.rand(2, 3), "y": torch.tensor([0, 1]), "loss": "cw"},
     "simplex_least_squares": lambda: {"features": torch.rand(3, 4), "target": torch.rand(4)},
+    "simplex_projected_gradient": lambda: {"features": torch.rand(3, 4), "target": torch.rand(4)},
     # certify
     "certify": lambda: {"model": _net(), "x": _x()},
     "decision_boundary_certificate": lambda: {"model": _net(), "x": _x()},

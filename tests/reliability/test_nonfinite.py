@@ -124,6 +124,7 @@ NO_TENSOR_INPUT = {
     "clustering_accuracy": "integer labels", "default_k": "integer labels", "plurality_keep": "integer counts",
     "poison_detection_scores": "boolean masks", "load_causal_lm": "a path", "train_causal_lm": "texts",
     "per_word_perplexity": "texts", "evaluate_text_attack": "token-id batches",
+    "load_word_lm": "a path", "train_word_lm": "texts", "sliding_windows": "integers",
 }
 # Public functions with tensor inputs not swept here, with the reason. Those of this library call
 # check_finite on their tensors all the same (noted); the sweep needs recipes it does not have for them.

@@ -110,12 +110,12 @@ def run(ctx: DemoContext, report: Report) -> None:
                   "Clean, PGD-20 and StAdv accuracy of the standard and the PGD-trained model.")
 
     # The same numbers through the callback, as a user would log them during training.
-    callback = RobustnessEvaluation({"pgd20": pgd}, max_batches=2)
+    callback = RobustnessEvaluation({"pgd20": pgd}, num_samples=64)
     ctx.trainer("attacks_callback", callbacks=[callback], logger=False).validate(
         standard, dataloaders=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32),
         verbose=False)
     report.text(sec, (
-        "`RobustnessEvaluation` on the standard model (first two batches): clean "
+        "`RobustnessEvaluation` on the standard model (first 64 inputs): clean "
         f"{callback.results['clean_acc']:.3f}, PGD-20 {callback.results['pgd20_acc']:.3f}, inputs with a zero "
         f"gradient {callback.results['zero_grad_fraction']:.1%}, budget violations "
         f"{int(callback.results['pgd20_violations'])}."

@@ -60,7 +60,7 @@ def run(ctx: DemoContext, report: Report) -> None:
     adam = functools.partial(torch.optim.Adam, lr=2e-4, betas=(0.5, 0.9))
     teacher = GAN(DCGANGenerator(8, 1, LATENT, TEACHER_D), DCGANDiscriminator(8, 1, CRITIC_D), loss="wgan-gp",
                   n_critic=5, generator_optimizer=adam, discriminator_optimizer=adam, seed=ctx.seed)
-    grid_cb = SampleGrid(n=64, nrow=8, every_n_epochs=gan_epochs, tag="teacher_samples")
+    grid_cb = SampleGrid(num_samples=64, nrow=8, every_n_epochs=gan_epochs, prefix="teacher_samples")
     ctx.trainer("gan_teacher", max_epochs=gan_epochs, callbacks=[grid_cb], **fit_kw).fit(teacher, datamodule=dm)
     n_teacher = count_parameters(teacher.generator)
     q = quality(teacher)
