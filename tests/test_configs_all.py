@@ -24,7 +24,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # method -> (paper-scale configs, CPU-scale configs)
 INVENTORY: dict[str, tuple[list[str], list[str]]] = {
-    "classifier (quick start)": ([], ["quickstart"]),
+    "classifier (quick start), composed objectives": ([], ["objectives_digits", "quickstart"]),
     "attacks + adversarial training (PGD, ReColorAdv 1906.00001)": (
         ["adversarial_training_cifar10"], ["adversarial_training_digits"]),
     "ARD (1905.09747)": (["ard_cifar10"], ["ard_digits"]),

@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "lightning_robust"
-PURE = ("nets", "attacks", "defenses", "interpret", "certify", "ot")
+PURE = ("nets", "attacks", "defenses", "interpret", "certify", "ot", "objectives")
 
 
 def _imports(path: Path) -> set[str]:
@@ -53,7 +53,7 @@ def test_public_names_sorted_all():
     import importlib
 
     for sub in ("nets", "utils", "datamodules", "models", "callbacks", "attacks", "defenses", "interpret",
-                "certify", "ot", "metrics"):
+                "certify", "ot", "metrics", "objectives"):
         mod = importlib.import_module(f"lightning_robust.{sub}")
         names = list(mod.__all__)
         assert names == sorted(names), f"lightning_robust.{sub}.__all__ is not sorted"

@@ -25,8 +25,8 @@ from lightning_robust.attacks.text import TextAttack, TextAttackResult
 from lightning_robust.attacks.threat import ThreatModel
 
 __all__ = [
-    "AdvTText",
     "AUTOATTACK_INSTALL",
+    "AdvTText",
     "Attack",
     "AutoAttack",
     "Compose",

@@ -1,4 +1,4 @@
-"""Adversarial training as pure helpers; :class:`~lightning_robust.models.Classifier` is the thin shell.
+"""Adversarial training as pure helpers; :class:`~lightning_robust.objectives.AdversarialTraining` is the shell.
 
 Three ways to train on adversarial examples:
 

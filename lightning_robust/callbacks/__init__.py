@@ -15,6 +15,7 @@ from lightning_robust.callbacks.rng_state import RNGStateCheckpoint
 from lightning_robust.callbacks.robustness_evaluation import RobustnessEvaluation
 from lightning_robust.callbacks.saliency_certification import SaliencyCertification
 from lightning_robust.callbacks.sample_grid import SampleGrid
+from lightning_robust.callbacks.tripwire import TripWire
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -31,4 +32,5 @@ __all__ = [
     "RobustnessEvaluation",
     "SaliencyCertification",
     "SampleGrid",
+    "TripWire",
 ]

@@ -11,11 +11,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
-from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_robust.datamodules.filtered import FilteredDataset
+from lightning_robust.datamodules.base import RobustDataModule
 from lightning_robust.defenses import (
     CLASS_BALANCES,
     TIE_BREAKS,
@@ -42,13 +41,6 @@ __all__ = ["FILTER_METHODS", "DeepKNNPoisonFilter"]
 FILTER_METHODS = ("deep_knn", "l2_outlier", "one_class_svm", "random")
 
 
-class _Target:
-    """Where the training samples live and how to drop some: a RobustDataModule or a FilteredDataset."""
-
-    def __init__(self, dataset: Dataset, positions: list[int], exclude: Any, source: str) -> None:
-        self.dataset, self.positions, self.exclude, self.source = dataset, positions, exclude, source
-
-
 class DeepKNNPoisonFilter(pl.Callback):
     """Filter the training set of any LightningModule with the Deep k-NN defence (Peri et al.,
     arXiv 1909.13374) or one of its baselines, then train on the kept samples only.
@@ -62,19 +54,27 @@ class DeepKNNPoisonFilter(pl.Callback):
     2. gathers all features on every process and takes one decision: Deep k-NN removes a sample whose
        label is not the plurality label of its ``k`` nearest neighbours (each process votes for a block of
        samples and the blocks are gathered), the baselines are computed on rank 0 and broadcast;
-    3. drops the removed samples: through ``exclude_train_indices`` when the training data come from a
-       :class:`~lightning_robust.datamodules.RobustDataModule` (e.g. ``PoisonedDataModule``), otherwise
-       through a :class:`~lightning_robust.datamodules.FilteredDataset` wrapping the training dataset.
-       Filtering after epoch 0 needs the train loader to be rebuilt, so the callback sets the Trainer's
-       ``reload_dataloaders_every_n_epochs`` to 1 when it is 0;
-    4. logs the number removed (``poison_filter/*``), writes the removed positions to ``output_file``
-       (JSON, rank 0) and keeps them in its checkpoint state: a resumed run re-applies the same removal
-       instead of filtering again. When the DataModule knows its poisons (``poison_indices``), detection
-       rate, precision, recall, F1 and MCC are logged and written too.
+    3. drops the removed samples with :meth:`RobustDataModule.exclude_train_indices
+       <lightning_robust.datamodules.RobustDataModule.exclude_train_indices>` of ``trainer.datamodule``,
+       the one place that holds (and checkpoints) excluded samples; the next train dataloader no longer
+       yields them;
+    4. logs the number removed (``poison_filter/num_removed``, ``poison_filter/num_examples``, through
+       ``LightningModule.log`` with ``sync_dist``, so they can be monitored) and writes the removed
+       positions to ``output_file`` (JSON, rank 0). Its checkpoint state records that (and when) it decided,
+       so a resumed run does not filter again; the DataModule's own state restores the kept set. When the
+       DataModule knows its poisons (``poison_indices``), detection rate, precision, recall, F1 and MCC are
+       logged and written too.
 
-    Positions are indices into the training dataset (``RobustDataModule.train_dataset`` or the dataset
-    wrapped by the ``FilteredDataset``). Features are computed with the dataset's own transforms: use a
-    deterministic training transform, or pass test-time features through ``feature_extractor``.
+    Requirements, checked at ``setup`` with an error that says what to change: the Trainer trains from a
+    :class:`~lightning_robust.datamodules.RobustDataModule` (``trainer.fit(model, datamodule=dm)``; wrap
+    plain datasets in :class:`~lightning_robust.datamodules.DatasetDataModule`), and with
+    ``filter_epoch > 0`` the Trainer rebuilds the train loader each epoch
+    (``Trainer(reload_dataloaders_every_n_epochs=1)``). The callback never calls the DataModule's ``setup``
+    and never changes Trainer settings.
+
+    Positions are indices into ``RobustDataModule.train_dataset``. Features are computed with the dataset's
+    own transforms: use a deterministic training transform, or pass test-time features through
+    ``feature_extractor``.
 
     Args:
         k: neighbours of the Deep k-NN vote; ``None`` uses the paper's guideline, k about the number of
@@ -145,11 +145,13 @@ class DeepKNNPoisonFilter(pl.Callback):
         self.fraction, self.nu, self.batch_size, self.chunk_size = fraction, nu, batch_size, chunk_size
         self.output_file, self.seed = output_file, seed
         # Decision state (checkpointed): None until the filter has run.
-        self.removed_indices: list[int] | None = None
+        self.removed_indices: list[int] | None = None  # this run's decision (None after a resume)
+        self.num_removed: int | None = None
         self.num_examples: int = 0
         self.k_used: int | None = None
         self.filtered_before_epoch: int | None = None
         self.detection: dict[str, float] = {}
+        self._pending_metrics: dict[str, float] = {}
 
     @property
     def state_key(self) -> str:
@@ -163,88 +165,70 @@ class DeepKNNPoisonFilter(pl.Callback):
             return
         if self.layer is not None:
             resolve_layer(self.feature_extractor or pl_module, self.layer)  # clear error naming valid layers
+        self._datamodule(trainer)  # a clear error now rather than at filtering time
         if self.filter_epoch > 0 and not getattr(trainer, "reload_dataloaders_every_n_epochs", 0):
-            # The loader of epoch `filter_epoch` must be built after the decision: the Trainer's own
-            # `reload_dataloaders_every_n_epochs` flag makes the fit loop request a new one each epoch.
-            setattr(trainer, "reload_dataloaders_every_n_epochs", 1)  # noqa: B010 (not declared on Trainer)
-            rank_zero_info("DeepKNNPoisonFilter: set reload_dataloaders_every_n_epochs=1 so that the train "
-                           "dataloader is rebuilt without the removed samples")
+            # The loader of epoch `filter_epoch` must be built after the decision; only the Trainer's own
+            # setting makes the fit loop request a new one.
+            raise ValueError(f"DeepKNNPoisonFilter(filter_epoch={self.filter_epoch}) removes samples after "
+                             "training has started: create the Trainer with reload_dataloaders_every_n_epochs=1 "
+                             "so that the next train dataloader is built without them (or use filter_epoch=0)")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.removed_indices is not None:  # restored from a checkpoint: same removal, no new decision
-            target = self._locate(trainer, pl_module, at_start=True, required=False)
-            if target is not None:
-                target.exclude(self.removed_indices)
-            return
-        if self.filter_epoch == 0:
+        # A resumed run has decided already (the DataModule's restored state holds the exclusions).
+        if self.filtered_before_epoch is None and self.filter_epoch == 0:
             self.run_filter(trainer, pl_module, at_start=True)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A resumed run whose data was out of reach at fit start (dataloaders passed to `fit`).
-        if self.removed_indices is not None:
-            target = self._locate(trainer, pl_module, at_start=False, required=False)
-            if target is not None and target.source == "FilteredDataset":
-                target.exclude(self.removed_indices)
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A decision taken in on_fit_start could not be logged there (Lightning allows no logging in it).
+        if self._pending_metrics:
+            self._log(pl_module, self._pending_metrics)
+            self._pending_metrics = {}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.removed_indices is None and trainer.current_epoch + 1 >= self.filter_epoch:
+        if self.filtered_before_epoch is None and trainer.current_epoch + 1 >= self.filter_epoch:
             self.run_filter(trainer, pl_module, at_start=False)
 
     # ---- the decision ----------------------------------------------------------------------------------
     def run_filter(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_start: bool) -> list[int]:
         """Extract features, decide, exclude; returns the removed positions (identical on every rank)."""
-        target = self._locate(trainer, pl_module, at_start=at_start, required=True)
-        assert target is not None
-        features, labels = self._features(trainer, pl_module, target)
+        dm = self._datamodule(trainer)
+        if dm.train_dataset is None:
+            raise RuntimeError(f"DeepKNNPoisonFilter: {type(dm).__name__}.train_dataset is None at fit time; its "
+                               "setup('fit') must build the training set (the Trainer calls setup before fitting)")
+        excluded = set(dm.excluded_train_indices)
+        positions = [i for i in range(len(dm.train_dataset)) if i not in excluded]  # type: ignore[arg-type]
+        features, labels = self._features(trainer, pl_module, dm.train_dataset, positions)
         keep = self._decide(trainer, features, labels)
-        removed = [target.positions[i] for i in (~keep).nonzero().flatten().tolist()]
-        target.exclude(removed)
+        removed = [positions[i] for i in (~keep).nonzero().flatten().tolist()]
+        dm.exclude_train_indices(removed)
         self.removed_indices = sorted(removed)
-        self.num_examples = len(target.positions)
+        self.num_removed = len(removed)
+        self.num_examples = len(positions)
         self.filtered_before_epoch = trainer.current_epoch + (0 if at_start else 1)
-        self._report(trainer, target)
+        self._report(trainer, pl_module, dm, positions, at_start)
         return self.removed_indices
 
-    def _locate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_start: bool,
-                required: bool) -> _Target | None:
+    @staticmethod
+    def _datamodule(trainer: pl.Trainer) -> RobustDataModule:
         dm = getattr(trainer, "datamodule", None)
-        if dm is not None and callable(getattr(dm, "exclude_train_indices", None)):
-            if getattr(dm, "train_dataset", None) is None:
-                dm.setup("fit")
-            ds = dm.train_dataset
-            excluded = set(getattr(dm, "excluded_train_indices", []))
-            positions = [i for i in range(len(ds)) if i not in excluded]
-            return _Target(ds, positions, dm.exclude_train_indices, type(dm).__name__)
-        loader = None if at_start else trainer.train_dataloader
-        if loader is None:
-            if dm is not None:
-                loader = dm.train_dataloader()
-            elif is_overridden("train_dataloader", pl_module):
-                loader = pl_module.train_dataloader()
-        dataset = getattr(loader, "dataset", None)
-        if isinstance(dataset, FilteredDataset):
-            return _Target(dataset.dataset, dataset.kept_indices, dataset.exclude, "FilteredDataset")
-        if not required:
-            return None
-        where = ("the dataloaders passed to `fit` are not reachable before training starts; use filter_epoch "
-                 ">= 1 or a DataModule" if at_start and loader is None else
-                 f"the training dataset is a {type(dataset).__name__}")
-        raise RuntimeError(
-            "DeepKNNPoisonFilter cannot drop samples: train from a lightning_robust RobustDataModule (e.g. "
-            "PoisonedDataModule, with `exclude_train_indices`) or wrap the training dataset in "
-            f"lightning_robust.datamodules.FilteredDataset ({where})")
+        if not isinstance(dm, RobustDataModule):
+            got = "no DataModule (dataloaders passed to `fit`)" if dm is None else f"a {type(dm).__name__}"
+            raise TypeError(
+                "DeepKNNPoisonFilter removes samples through trainer.datamodule, which must be a lightning_robust "
+                f"RobustDataModule (e.g. PoisonedDataModule, or DatasetDataModule around your datasets); got {got}")
+        return dm
 
     @torch.no_grad()
-    def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                  target: _Target) -> tuple[torch.Tensor, torch.Tensor]:
-        n, world, rank = len(target.positions), trainer.world_size, trainer.global_rank
+    def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Dataset,
+                  positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        n, world, rank = len(positions), trainer.world_size, trainer.global_rank
         per = math.ceil(n / world)
-        mine = target.positions[rank * per: (rank + 1) * per]
+        mine = positions[rank * per: (rank + 1) * per]
         device = pl_module.device
         net = self.feature_extractor.to(device) if self.feature_extractor is not None else pl_module
         feats: list[torch.Tensor] = []
         labels: list[torch.Tensor] = []
-        loader = DataLoader(Subset(target.dataset, mine), batch_size=self.batch_size, shuffle=False)
+        loader = DataLoader(Subset(dataset, mine), batch_size=self.batch_size, shuffle=False)
         with model_mode(net, "eval"):
             for batch in loader:
                 b = split_batch(batch)
@@ -258,7 +242,7 @@ class DeepKNNPoisonFilter(pl.Callback):
                 feats.append(f.detach().flatten(1).float())
                 labels.append(torch.as_tensor(b.y).long().to(device))
         if not feats:  # this rank's share is empty (tiny data, many ranks): still join the gather
-            dim = self._feature_dim(trainer, pl_module, target)
+            dim = self._feature_dim(pl_module, dataset)
             feats, labels = [torch.zeros(0, dim, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
         f_mine, y_mine = torch.cat(feats), torch.cat(labels)
         if world == 1:
@@ -270,8 +254,8 @@ class DeepKNNPoisonFilter(pl.Callback):
         y_all = trainer.strategy.all_gather(y_pad).reshape(world * per)[:n]
         return f_all, y_all
 
-    def _feature_dim(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: _Target) -> int:
-        sample = split_batch(next(iter(DataLoader(Subset(target.dataset, [0]), batch_size=1))))
+    def _feature_dim(self, pl_module: pl.LightningModule, dataset: Dataset) -> int:
+        sample = split_batch(next(iter(DataLoader(Subset(dataset, [0]), batch_size=1))))
         net = self.feature_extractor or pl_module
         with model_mode(net, "eval"), torch.no_grad():
             if self.layer is None:
@@ -310,22 +294,24 @@ class DeepKNNPoisonFilter(pl.Callback):
             keep = trainer.strategy.broadcast(keep, src=0)
         return keep
 
-    def _report(self, trainer: pl.Trainer, target: _Target) -> None:
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dm: RobustDataModule,
+                positions: list[int], at_start: bool) -> None:
         removed = self.removed_indices or []
-        metrics: dict[str, float] = {"poison_filter/num_removed": float(len(removed)),
-                                     "poison_filter/num_examples": float(self.num_examples)}
-        poisons = getattr(getattr(trainer, "datamodule", None), "poison_indices", None)
+        metrics: dict[str, float] = {"num_removed": float(len(removed)), "num_examples": float(self.num_examples)}
+        poisons = getattr(dm, "poison_indices", None)
         if poisons is not None:
-            pos = torch.tensor(target.positions)
+            pos = torch.tensor(positions)
             is_poison = torch.isin(pos, torch.tensor(list(poisons), dtype=torch.long))
             was_removed = torch.isin(pos, torch.tensor(removed, dtype=torch.long))
             scores = poison_detection_scores(was_removed, is_poison)
             self.detection = {k: float(v) for k, v in scores.items()}
-            metrics.update({f"poison_filter/{k}": v for k, v in self.detection.items()})
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+            metrics.update(self.detection)
+        if at_start:
+            self._pending_metrics = metrics  # logged at the first training epoch's start
+        else:
+            self._log(pl_module, metrics)
         rank_zero_info(f"DeepKNNPoisonFilter ({self.method}{'' if self.k_used is None else f', k={self.k_used}'}):"
-                       f" removed {len(removed)} of {self.num_examples} training samples from {target.source}")
+                       f" removed {len(removed)} of {self.num_examples} training samples from {type(dm).__name__}")
         path = self.output_path(trainer)  # on every rank: `trainer.log_dir` is a collective under DDP
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -334,6 +320,12 @@ class DeepKNNPoisonFilter(pl.Callback):
                 "num_examples": self.num_examples, "num_removed": len(removed), "removed_indices": removed,
                 "detection": self.detection,
             }, indent=1))
+
+    @staticmethod
+    def _log(pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
+        # The decision is identical on every rank; sync_dist keeps Lightning's DDP bookkeeping consistent.
+        for name, value in metrics.items():
+            pl_module.log(f"poison_filter/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
 
     def output_path(self, trainer: pl.Trainer) -> Path:
         """Where the removed positions are written (call on every rank: ``log_dir`` broadcasts under DDP)."""
@@ -344,17 +336,24 @@ class DeepKNNPoisonFilter(pl.Callback):
 
     # ---- checkpoint state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        # The removed positions are checkpointed once, by the DataModule (its exclusion set); this records
+        # only that (and how) this filter decided, so a resumed run does not decide again.
         return {
-            "removed_indices": self.removed_indices,
             "num_examples": self.num_examples,
+            "num_removed": self.num_removed,
             "k_used": self.k_used,
             "filtered_before_epoch": self.filtered_before_epoch,
             "method": self.method,
+            "detection": dict(self.detection),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        removed = state_dict.get("removed_indices")
-        self.removed_indices = None if removed is None else [int(i) for i in removed]
         self.num_examples = int(state_dict.get("num_examples", 0))
+        removed = state_dict.get("removed_indices")  # 0.1.0 states held the positions themselves
+        num_removed = state_dict.get("num_removed", None if removed is None else len(removed))
+        self.num_removed = None if num_removed is None else int(num_removed)
         self.k_used = state_dict.get("k_used")
         self.filtered_before_epoch = state_dict.get("filtered_before_epoch")
+        if self.filtered_before_epoch is None and removed is not None:
+            self.filtered_before_epoch = 0  # a 0.1.0 state: it held the indices, so the filter had run
+        self.detection = {str(k): float(v) for k, v in state_dict.get("detection", {}).items()}

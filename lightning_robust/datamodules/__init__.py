@@ -7,6 +7,7 @@ from lightning_robust.datamodules.colored_digits import ColoredDigitsDataModule,
 from lightning_robust.datamodules.digits import DigitsDataModule, load_digits_tensors
 from lightning_robust.datamodules.domain_adaptation import DomainAdaptationDataModule
 from lightning_robust.datamodules.filtered import FilteredDataset
+from lightning_robust.datamodules.from_datasets import DatasetDataModule
 from lightning_robust.datamodules.gaussian_mixture import GaussianMixtureDataModule, grid_mixture
 from lightning_robust.datamodules.image_datasets import (
     ImageFileDataset,
@@ -32,6 +33,7 @@ __all__ = [
     "CelebADataModule",
     "ColoredDigitsDataModule",
     "DataIntegrityError",
+    "DatasetDataModule",
     "DatasetNotFoundError",
     "DigitsDataModule",
     "DomainAdaptationDataModule",

@@ -14,13 +14,10 @@ __all__ = ["FilteredDataset"]
 class FilteredDataset(Dataset):
     """Wrap a dataset so that positions can be excluded later, without rebuilding the wrapped data.
 
-    :class:`~lightning_robust.callbacks.DeepKNNPoisonFilter` acts through
-    :meth:`RobustDataModule.exclude_train_indices` when training data come from one of our DataModules;
-    for any other source (a plain ``DataLoader``, a foreign DataModule or a LightningModule's own
-    ``train_dataloader``), wrap the training dataset in ``FilteredDataset`` and the filter calls
-    :meth:`exclude` on it. Loaders built afterwards (Lightning rebuilds them when
-    ``reload_dataloaders_every_n_epochs`` is set, which the callback arranges) no longer yield the
-    excluded samples.
+    A standalone view: excluded positions stop being yielded by loaders built afterwards.
+    :class:`~lightning_robust.callbacks.DeepKNNPoisonFilter` does not use it: it acts on the exclusion set
+    of ``trainer.datamodule`` (a :class:`~lightning_robust.datamodules.RobustDataModule`; wrap plain datasets
+    in :class:`~lightning_robust.datamodules.DatasetDataModule`).
 
     Args:
         dataset: any map-style dataset.

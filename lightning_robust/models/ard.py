@@ -51,83 +51,31 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_robust.attacks import PGD, Attack
-from lightning_robust.models.classifier import Classifier, _num_classes_of
+from lightning_robust.models.classifier import Classifier
+from lightning_robust.objectives import AdversarialTraining, Distillation, Objective
+from lightning_robust.objectives.distillation import (
+    KL_REDUCTIONS,
+    ard_loss,
+    distillation_kl,
+    resolve_teacher,
+    teacher_fingerprint,
+)
 from lightning_robust.utils.batch import split_batch
-from lightning_robust.utils.checkpoint import load_module
 from lightning_robust.utils.modules import model_mode
-from lightning_robust.utils.validation import check_choice, check_fraction, check_positive, check_seed
+from lightning_robust.utils.validation import check_choice, check_seed
 
 __all__ = ["ARD_MODES", "ARDStudent", "KL_REDUCTIONS", "ard_loss", "distillation_kl", "paper_attack",
-           "paper_optimizer", "paper_scheduler", "teacher_fingerprint"]
+           "paper_optimizer", "paper_scheduler", "resolve_teacher", "teacher_fingerprint"]
 
 ARD_MODES = ("clean", "fast", "free", "pgd")
-KL_REDUCTIONS = ("batchmean", "mean")
-
-
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 30.0,
-                    reduction: str = "batchmean") -> torch.Tensor:
-    """``τ² KL(softmax(t/τ) ‖ softmax(s/τ))`` reduced over the batch.
-
-    Args:
-        student_logits, teacher_logits: ``[N, C]`` logits (the teacher's are treated as constants).
-        temperature: ``τ > 0``; the ``τ²`` factor keeps gradient magnitudes comparable across temperatures.
-        reduction: ``"batchmean"`` (sum over classes, mean over samples: the true KL) or ``"mean"`` (mean over
-            all ``N·C`` elements, the authors' code: ``1/C`` of ``"batchmean"``).
-
-    Raises:
-        ValueError: on mismatched shapes, a non-positive temperature or an unknown reduction.
-    """
-    check_positive("temperature", temperature)
-    check_choice("kl_reduction", reduction, KL_REDUCTIONS)
-    if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student and teacher logits must both be [N, C] with the same shape, got "
-                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    p_teacher = F.softmax(teacher_logits.detach() / temperature, dim=1)
-    # Element-wise KL terms summed over classes, then reduced explicitly: F.kl_div(reduction="mean") warns that
-    # it is not the true KL, and the authors' element mean is exactly that sum divided by N·C.
-    per_sample = F.kl_div(log_p_student, p_teacher, reduction="none").sum(dim=1)
-    kl = per_sample.mean() if reduction == "batchmean" else per_sample.mean() / student_logits.shape[1]
-    return temperature**2 * kl
-
-
-def ard_loss(student_adv_logits: torch.Tensor, teacher_logits: torch.Tensor,
-             student_clean_logits: torch.Tensor | None = None, y: torch.Tensor | None = None,
-             temperature: float = 30.0, alpha: float = 1.0, reduction: str = "batchmean") -> torch.Tensor:
-    """The ARD objective ``α τ² KL(T(x)/τ ‖ S(x+δ)/τ) + (1 − α) CE(S(x), y)`` (arXiv 1905.09747, Eq. 3).
-
-    Args:
-        student_adv_logits: the student's logits on the adversarial examples ``x + δ``.
-        teacher_logits: the teacher's logits on the clean images ``x`` (constants).
-        student_clean_logits: the student's logits on ``x``; needed only when ``alpha < 1``.
-        y: labels; needed only when ``alpha < 1``.
-        temperature, reduction: see :func:`distillation_kl`.
-        alpha: weight in [0, 1] of the distillation term.
-
-    Raises:
-        ValueError: on a bad ``alpha``, or ``alpha < 1`` without clean logits and labels.
-
-    Example:
-        >>> loss = ard_loss(student(x_adv), teacher(x).detach(), temperature=30.0, alpha=1.0)
-    """
-    check_fraction("alpha", alpha, inclusive_high=True)
-    loss = alpha * distillation_kl(student_adv_logits, teacher_logits, temperature, reduction) if alpha > 0 else None
-    if alpha < 1:
-        if student_clean_logits is None or y is None:
-            raise ValueError("ard_loss with alpha < 1 needs student_clean_logits and y for the cross-entropy term")
-        ce = (1 - alpha) * F.cross_entropy(student_clean_logits, y)
-        loss = ce if loss is None else loss + ce
-    assert loss is not None
-    return loss
 
 
 def paper_attack() -> PGD:
@@ -147,6 +95,11 @@ def paper_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_schedule
 
 class ARDStudent(Classifier):
     """Adversarially Robust Distillation of a frozen ``teacher`` into ``student`` (arXiv 1905.09747).
+
+    A preset of :class:`Classifier`: its objectives are ``[AdversarialTraining(attack, adversarial_mode,
+    weight=0), Distillation(teacher, ...)]`` (only ``[Distillation]`` in ``"clean"`` mode), see
+    :mod:`lightning_robust.objectives`; this class adds the teacher's validation accuracy and its
+    fingerprint in checkpoints.
 
     The teacher is frozen (``requires_grad=False``), always run in eval mode under ``no_grad``, and kept out
     of the module tree: it is not in ``parameters()`` (so neither the optimizer nor DDP ever see it), nor in
@@ -185,6 +138,8 @@ class ARDStudent(Classifier):
         >>> pl.Trainer(max_epochs=20).fit(model, datamodule=DigitsDataModule())
     """
 
+    hparams_ignore: ClassVar[tuple[str, ...]] = ("student", "teacher", "teacher_net")
+
     def __init__(
         self,
         student: nn.Module,
@@ -206,9 +161,6 @@ class ARDStudent(Classifier):
     ) -> None:
         check_seed("seed", seed)
         check_choice("adversarial_mode", adversarial_mode, ARD_MODES)
-        check_positive("temperature", temperature)
-        check_fraction("alpha", alpha, inclusive_high=True)
-        check_choice("kl_reduction", kl_reduction, KL_REDUCTIONS)
         if not isinstance(attack_train_mode, bool):
             raise ValueError(f"attack_train_mode must be a bool, got {attack_train_mode!r}")
         if attack is None and adversarial_mode != "clean":
@@ -217,43 +169,24 @@ class ARDStudent(Classifier):
             # A copy, so the caller's attack object (maybe shared with an evaluation callback) keeps its mode.
             attack = copy.copy(attack)
             attack.model_mode = "train"
-        teacher_module = _resolve_teacher(teacher, teacher_net)
+        distillation = Distillation(teacher, teacher_net, temperature, alpha, kl_reduction)
+        objectives: list[Objective] = [distillation]
+        if adversarial_mode != "clean":
+            # the inner maximisation on the student, with no cross-entropy term of its own (weight 0)
+            assert attack is not None
+            objectives.insert(0, AdversarialTraining(attack, adversarial_mode, fast_alpha, free_replays, weight=0.0))
         extra: dict[str, Any] = {} if optimizer is None else {"optimizer": optimizer}
-        with warnings.catch_warnings():
-            # Classifier's save_hyperparameters sees this frame's modules; they are dropped just below.
-            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
-            super().__init__(
-                student,
-                num_classes=num_classes,
-                scheduler=scheduler,
-                scheduler_interval=scheduler_interval,
-                attack=None if adversarial_mode == "clean" else attack,
-                adversarial_mode="pgd" if adversarial_mode == "clean" else adversarial_mode,
-                free_replays=free_replays,
-                fast_alpha=fast_alpha,
-                **extra,
-            )
-        teacher_classes = _num_classes_of(teacher_module)
-        if teacher_classes is not None and teacher_classes != self.num_classes:
-            raise ValueError(f"teacher has {teacher_classes} classes but the student has {self.num_classes}; "
-                             "ARD needs teacher and student to predict the same classes")
-        # Classifier's save_hyperparameters also collects this constructor's arguments (modules among them):
-        # start again with primitives only, so checkpoints load with torch.load(weights_only=True).
-        self._hparams = type(self.hparams)()
-        self.save_hyperparameters(ignore=["student", "teacher", "teacher_net", "attack", "optimizer", "scheduler"])
-        self.hparams["num_classes"] = self.num_classes
+        super().__init__(student, num_classes=num_classes, scheduler=scheduler, scheduler_interval=scheduler_interval,
+                         objectives=objectives, attack_seed=seed, **extra)
         if isinstance(teacher, (str, os.PathLike)):
             self.hparams["teacher"] = str(teacher)
-        self.distill_mode = adversarial_mode
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
-        self.kl_reduction = kl_reduction
+        self.distillation = distillation
         self.attack_train_mode = attack_train_mode
         self.seed = int(seed)
-        teacher_module.requires_grad_(False)
-        teacher_module.eval()
-        # Bypass nn.Module registration: the teacher is an input, not a part of the trained model.
-        object.__setattr__(self, "_teacher", teacher_module)
+        self.distill_mode = adversarial_mode
+        self.temperature = distillation.temperature
+        self.alpha = distillation.alpha
+        self.kl_reduction = distillation.kl_reduction
         self.teacher_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.teacher_accuracy: float | None = None
         self._teacher_acc_pending = False
@@ -261,59 +194,15 @@ class ARDStudent(Classifier):
     @property
     def teacher(self) -> nn.Module:
         """The frozen teacher (not a submodule: not in ``parameters()`` nor in the state dict)."""
-        teacher: nn.Module = self.__dict__["_teacher"]
-        return teacher
+        return self.distillation.teacher
 
     @property
     def student(self) -> nn.Module:
         return self.net
 
-    # ---- maths -----------------------------------------------------------------------------------------
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits on clean ``x`` (eval mode, no gradient); checks the class count."""
-        teacher = self.teacher
-        first = next(teacher.parameters(), None)
-        if first is not None and first.device != x.device:
-            teacher.to(x.device)
-        teacher.eval()
-        with torch.no_grad():
-            # The teacher keeps its own dtype (e.g. float32 under precision="bf16-true", which only casts the
-            # registered student): feed it that dtype and hand back logits in the student's.
-            x_in = x.to(first.dtype) if first is not None and x.is_floating_point() else x
-            logits = teacher(x_in).to(x.dtype if x.is_floating_point() else torch.get_default_dtype())
-        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(f"teacher outputs logits of shape {tuple(logits.shape)} but the student has "
-                             f"{self.num_classes} classes; ARD needs teacher and student to predict the same classes")
-        return logits
-
-    def step_generator(self, device: torch.device) -> torch.Generator:
-        """Random starts of this step: keyed by (seed, global step, rank), so a resumed run draws the same."""
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        step = self.trainer.global_step if self._trainer is not None else 0
-        generator = torch.Generator(device=device)
-        generator.manual_seed((self.seed * 1_000_003 + step * 7_919 + rank) % (2**63 - 1))
-        return generator
-
-    def _loss(self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
-              t_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        adv_logits = self(x_adv)
-        clean_logits = self(x) if self.alpha < 1 else None
-        loss = ard_loss(adv_logits, t_logits, clean_logits, y, self.temperature, self.alpha, self.kl_reduction)
-        return loss, adv_logits, {}
-
-    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """ARD loss of a batch: ``x_adv`` from the (PGD or fast) attack on the student, teacher on clean ``x``."""
-        t_logits = self.teacher_logits(x)
-        x_adv = x
-        if self.train_attack is not None:
-            x_adv = self.train_attack(self, x, y, generator=self.step_generator(x.device))
-        return self._loss(x, x_adv, y, t_logits)
-
-    def _free_training_step(self, x: torch.Tensor,
-                            y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Free ARD: ``free_replays`` optimizer steps on this minibatch; one backward gives both gradients."""
-        t_logits = self.teacher_logits(x)  # the teacher sees clean x only: once per minibatch
-        return self._free_replays(x, lambda x_adv: self._loss(x, x_adv, y, t_logits))
+        return self.distillation.teacher_logits(x)
 
     # ---- teacher accuracy, logged once ----------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -350,23 +239,3 @@ class ARDStudent(Classifier):
         if saved is not None and abs(float(saved) - teacher_fingerprint(self.teacher)) > 1e-6 * (1 + abs(float(saved))):
             warnings.warn("ARDStudent: the teacher differs from the one this checkpoint was trained with "
                           "(weight fingerprints differ); resuming distils a different teacher", stacklevel=2)
-
-
-def teacher_fingerprint(module: nn.Module) -> float:
-    """A cheap fingerprint of a module's weights: a fixed-weight sum of all floating-point tensors."""
-    total = 0.0
-    for i, t in enumerate(module.state_dict().values()):
-        if t.is_floating_point():
-            total += float(t.detach().double().sum()) * (1 + (i % 7) / 7)
-    return total
-
-
-def _resolve_teacher(teacher: nn.Module | str | os.PathLike, teacher_net: nn.Module | None) -> nn.Module:
-    if isinstance(teacher, nn.Module):
-        return teacher
-    if not isinstance(teacher, (str, os.PathLike)):
-        raise TypeError(f"teacher must be an nn.Module or a checkpoint path, got {type(teacher).__name__}")
-    if teacher_net is None:
-        raise ValueError(f"teacher={str(teacher)!r} is a checkpoint path: teacher_net (the teacher's "
-                         "architecture) must be given, since weights-only checkpoints store no code")
-    return load_module(teacher, into=teacher_net)

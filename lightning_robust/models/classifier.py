@@ -1,9 +1,18 @@
-"""A LightningModule around any classification net: cross-entropy training with torchmetrics accuracy."""
+"""A LightningModule around any classification net, trained on a sum of composable objectives.
+
+The training loss is ``sum_i objective_i(module, batch)`` over :attr:`Classifier.objectives` (clean
+cross-entropy by default; adversarial training, a certified-radius term, distillation, saliency consistency,
+text adversarial training: :mod:`lightning_robust.objectives`), so a new method adds an objective rather
+than a subclass. The 0.1.0 keyword arguments (``attack``, ``adversarial_mode``, ``certificate_weight``,
+``tripwire_batches``, ...) remain as a shorthand that builds the same objectives (and the
+:class:`~lightning_robust.callbacks.TripWire` callback).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import inspect
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -14,7 +23,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_robust.attacks import Attack
 from lightning_robust.attacks import adversarial_training as adv
-from lightning_robust.certify import certify, simplex_hinge_loss
+from lightning_robust.callbacks.tripwire import TripWire
+from lightning_robust.objectives import (
+    AdversarialTraining,
+    CertifiedRadius,
+    CrossEntropy,
+    Objective,
+    TrainingBatch,
+)
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.checkpoint import WeightsOnlyLoadFromCheckpoint
 from lightning_robust.utils.validation import (
@@ -23,6 +39,7 @@ from lightning_robust.utils.validation import (
     check_non_negative,
     check_positive,
     check_positive_int,
+    check_seed,
 )
 
 __all__ = ["Classifier", "default_optimizer"]
@@ -38,15 +55,39 @@ def _num_classes_of(net: nn.Module) -> int | None:
     return int(n) if isinstance(n, int) else None
 
 
+def _as_objectives(objectives: Objective | Sequence[Objective]) -> list[Objective]:
+    items = [objectives] if isinstance(objectives, Objective) else list(objectives)
+    if not items:
+        raise ValueError("objectives must hold at least one Objective")
+    for o in items:
+        if not isinstance(o, Objective):
+            raise TypeError(f"objectives must be Objective instances, got {type(o).__name__}")
+    keys = [o.state_key for o in items if o.state_key is not None]
+    if len(keys) != len(set(keys)):
+        raise ValueError(f"two objectives keep checkpoint state under the same key: {keys}")
+    return items
+
+
 class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ignore[misc]  # weights-only override
-    """Standard supervised training of ``net`` (logits out) with cross-entropy.
+    """Supervised training of ``net`` (logits out) on a sum of training objectives.
 
-    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``
-    (epoch-level metrics synchronised across processes by torchmetrics). Optimizer and scheduler are
-    callables in the LightningCLI style, so YAML selects them with ``class_path``.
+    Logs ``train/loss``, ``train/acc`` (accuracy on the training inputs: the adversarial ones under
+    adversarial training), each objective's values as ``train/<name>``, and ``val/loss``, ``val/acc``,
+    ``test/loss``, ``test/acc`` (epoch-level metrics synchronised across processes). Optimizer and scheduler
+    are callables in the LightningCLI style, so YAML selects them with ``class_path``; so are the objectives::
 
-    Subclasses and mixins extend :meth:`training_loss`, which returns the loss, the logits whose accuracy
-    is reported, and a dict of extra values to log.
+        model:
+          class_path: lightning_robust.models.Classifier
+          init_args:
+            net: {class_path: lightning_robust.nets.SmallCNN, init_args: {input_size: 8}}
+            objectives:
+              - class_path: lightning_robust.objectives.AdversarialTraining
+                init_args: {attack: {class_path: lightning_robust.attacks.PGD, init_args: {eps: 0.1}}, mode: fast}
+              - {class_path: lightning_robust.objectives.CertifiedRadius, init_args: {weight: 0.1}}
+
+    Objectives run in list order on a shared :class:`~lightning_robust.objectives.TrainingBatch`: one that
+    replaces the training inputs (adversarial training) does so for the ones after it. When an objective
+    replays each minibatch (free adversarial training) the module uses manual optimization.
 
     Args:
         net: any ``nn.Module`` mapping inputs to logits (images in [0, 1]).
@@ -55,37 +96,41 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
         scheduler: optional ``optimizer -> LRScheduler``.
         scheduler_interval: ``"epoch"`` or ``"step"``.
         scheduler_monitor: metric monitored by ``ReduceLROnPlateau``-style schedulers.
-        label_smoothing: cross-entropy label smoothing in [0, 1).
-        certificate_weight: weight of the certified-robust training term (0 disables it). Singla & Feizi
-            (arXiv 1902.01235): the simplex certificate is closed-form and differentiable, so training can
-            enlarge it; ``"simplex"`` uses :func:`~lightning_robust.certify.simplex_hinge_loss` (hinges on
-            the ``certificate_topk`` nearest facets of the certified polyhedron and on the signed distance
-            to the linearized boundary of the true class), ``"lipschitz"`` the hinge
-            ``relu(1 - r / certificate_radius)`` on the global-Lipschitz certificate ``r``.
-        certificate_method: ``"simplex"`` (needs a piecewise-linear net; costs one forward pass per input
-            dimension) or ``"lipschitz"`` (cheap).
+        objectives: one :class:`~lightning_robust.objectives.Objective` or a list; ``None`` builds them from
+            the shorthand arguments below (clean cross-entropy when none is set). Not saved in the
+            hyper-parameters (they hold objects): pass them again to ``load_from_checkpoint``.
+        attack_seed: seed of the attacks' random starts (a generator keyed by it, global step and rank, so a
+            resumed run draws the same); ``None`` uses the global RNG.
+        label_smoothing: shorthand: cross-entropy label smoothing in [0, 1).
+        certificate_weight: shorthand: weight of a :class:`~lightning_robust.objectives.CertifiedRadius` term
+            (0 disables it), with ``certificate_method``, ``certificate_radius`` and ``certificate_topk``.
+        certificate_method: ``"simplex"`` or ``"lipschitz"``.
         certificate_radius: target radius of the hinge (pixel-space L2 units).
         certificate_topk: nearest neuron facets in the simplex hinge.
-        attack: train on adversarial examples of this attack (Madry et al., arXiv 1706.06083), e.g.
-            ``PGD(eps=8/255, alpha=2/255, steps=7)``; ``None`` trains on clean inputs.
-        adversarial_mode: ``"pgd"`` (run ``attack`` as given), ``"fast"`` (FGSM with random start and step
-            ``fast_alpha`` on ``attack``'s threat model, Wong et al., arXiv 2001.03994) or ``"free"``
-            (``free_replays`` replays of each minibatch with a carried perturbation, Shafahi et al.,
-            arXiv 1904.12843; uses manual optimization, and the perturbation is saved in checkpoints).
-        free_replays: minibatch replays ``m`` of free training (run ``1/m`` of the epochs).
+        attack: shorthand: train with :class:`~lightning_robust.objectives.AdversarialTraining` on this attack
+            (Madry et al., arXiv 1706.06083), in ``adversarial_mode`` with ``free_replays`` / ``fast_alpha``.
+        adversarial_mode: ``"pgd"``, ``"fast"`` (Wong et al., arXiv 2001.03994) or ``"free"`` (Shafahi et al.,
+            arXiv 1904.12843).
+        free_replays: minibatch replays ``m`` of free training.
         fast_alpha: FGSM step of fast training (default ``1.25 eps``).
-        tripwire_batches: hold this many training batches and log ``train/tripwire_acc``, the accuracy
-            under ``tripwire_attack`` after every epoch (0 = off): the sign of catastrophic overfitting.
+        tripwire_batches: shorthand: > 0 adds a :class:`~lightning_robust.callbacks.TripWire` callback holding
+            this many training batches (``train/tripwire_acc`` after every epoch).
         tripwire_attack: the trip-wire's attack (default PGD-10, step ``eps/4``, on ``attack``'s threat).
         tripwire_max_drop: stop training when the trip-wire accuracy falls more than this below its best.
 
     Raises:
-        ValueError: if ``num_classes`` is missing and the net does not expose it, or an argument is invalid.
+        ValueError: if ``num_classes`` is missing and the net does not expose it, an argument is invalid, or
+            ``objectives`` is combined with a shorthand argument.
 
     Example:
         >>> model = Classifier(SmallCNN(input_size=8))
+        >>> model = Classifier(SmallCNN(input_size=8), objectives=[AdversarialTraining(PGD(eps=0.1), mode="fast")])
         >>> pl.Trainer(max_epochs=3).fit(model, datamodule=DigitsDataModule())
     """
+
+    #: constructor arguments that hold objects (never saved as hyper-parameters); subclasses add theirs
+    hparams_ignore: ClassVar[tuple[str, ...]] = ("net", "optimizer", "scheduler", "attack", "tripwire_attack",
+                                                 "objectives")
 
     def __init__(
         self,
@@ -95,6 +140,8 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/loss",
+        objectives: Objective | Sequence[Objective] | None = None,
+        attack_seed: int | None = None,
         label_smoothing: float = 0.0,
         certificate_weight: float = 0.0,
         certificate_method: str = "simplex",
@@ -116,19 +163,47 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
             raise ValueError("num_classes must be given (the net has no `num_classes` attribute)")
         check_positive_int("num_classes", num_classes, minimum=2)
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
+        if attack_seed is not None:
+            check_seed("attack_seed", attack_seed)
+        # The shorthand arguments are checked also when objectives are given (their defaults always pass).
         check_fraction("label_smoothing", label_smoothing)
         check_non_negative("certificate_weight", certificate_weight)
         check_choice("certificate_method", certificate_method, ("simplex", "lipschitz"))
         check_positive("certificate_radius", certificate_radius)
         check_positive_int("certificate_topk", certificate_topk)
-        self._init_adversarial(attack, adversarial_mode, free_replays, fast_alpha, tripwire_batches, tripwire_attack,
-                               tripwire_max_drop)
-        # Only primitives go into hparams: checkpoints must load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "attack", "tripwire_attack"])
+        check_choice("adversarial_mode", adversarial_mode, adv.ADVERSARIAL_MODES)
+        check_positive_int("free_replays", free_replays)
+        check_positive_int("tripwire_batches", tripwire_batches, minimum=0)
+        for name, value in (("attack", attack), ("tripwire_attack", tripwire_attack)):
+            if value is not None and not isinstance(value, Attack):
+                raise TypeError(f"{name} must be an Attack, got {type(value).__name__}")
+        if objectives is None:
+            objectives = self._shorthand_objectives(label_smoothing, certificate_weight, certificate_method,
+                                                    certificate_radius, certificate_topk, attack, adversarial_mode,
+                                                    free_replays, fast_alpha)
+        elif (label_smoothing, certificate_weight, attack) != (0.0, 0.0, None):
+            raise ValueError("objectives replaces the shorthand arguments label_smoothing, certificate_weight and "
+                             "attack: put CrossEntropy(label_smoothing=...), CertifiedRadius(...) or "
+                             "AdversarialTraining(attack) into objectives instead")
+        self.objectives: list[Objective] = _as_objectives(objectives)
+        self.tripwire: TripWire | None = None
+        if tripwire_batches:
+            if tripwire_attack is None:
+                if self.attack is None:
+                    raise ValueError("tripwire_attack must be given when tripwire_batches > 0 and attack is None")
+                tripwire_attack = adv.default_tripwire_attack(self.attack)
+            self.tripwire = TripWire(tripwire_batches, tripwire_attack, tripwire_max_drop)
+        elif tripwire_max_drop is not None:
+            check_non_negative("tripwire_max_drop", tripwire_max_drop)
+        self.automatic_optimization = max(o.replays for o in self.objectives) == 1
+        self._save_primitive_hyperparameters()
         self.hparams["num_classes"] = num_classes
         self.net = net
         self.num_classes = num_classes
-        self.label_smoothing = label_smoothing
+        for o in self.objectives:
+            o.setup(self, num_classes)
+        # not `seed`: a hyper-parameter of that name would clash with the DataModule's when loggers merge them
+        self.attack_seed = attack_seed
         self.scheduler_interval = scheduler_interval
         self.scheduler_monitor = scheduler_monitor
         self.optimizer_factory = optimizer
@@ -136,49 +211,162 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.certificate_weight = certificate_weight
-        self.certificate_method = certificate_method
-        self.certificate_radius = certificate_radius
-        self.certificate_topk = certificate_topk
+        names = [n for o in self.objectives for n in o.accuracy_names]
+        # torchmetrics states are not persistent: these add no state-dict keys (old checkpoints load strictly)
+        self.objective_accuracies = nn.ModuleDict({n: MulticlassAccuracy(num_classes, average="micro") for n in names})
 
+    def _save_primitive_hyperparameters(self) -> None:
+        """Save the constructor arguments of ``type(self)`` that are primitives, once, for every subclass.
+
+        Object arguments (nets, attacks, objectives, optimizer callables) are named in ``hparams_ignore``
+        (merged over the class hierarchy): checkpoints must load with ``torch.load(weights_only=True)``.
+        Lightning also collects the arguments of the parent constructors a subclass calls; only the names
+        the subclass's own constructor takes are kept, so ``load_from_checkpoint`` can pass them back.
+        """
+        ignore = {n for cls in type(self).__mro__ for n in getattr(cls, "hparams_ignore", ())}
+        caller = inspect.currentframe()
+        # Lightning reads the constructor arguments from the calling __init__ frame (and its subclasses')
+        self.save_hyperparameters(ignore=sorted(ignore), frame=caller.f_back if caller is not None else None)
+        accepted = inspect.signature(type(self).__init__).parameters
+        for name in list(self.hparams):
+            if name not in accepted:
+                del self.hparams[name]
+
+    @staticmethod
+    def _shorthand_objectives(label_smoothing: float, certificate_weight: float, certificate_method: str,
+                              certificate_radius: float, certificate_topk: int, attack: Attack | None,
+                              adversarial_mode: str, free_replays: int, fast_alpha: float | None) -> list[Objective]:
+        objectives: list[Objective] = []
+        if attack is None:
+            objectives.append(CrossEntropy(label_smoothing=label_smoothing))
+        else:
+            objectives.append(AdversarialTraining(attack, adversarial_mode, fast_alpha, free_replays,
+                                                  label_smoothing=label_smoothing))
+        if certificate_weight > 0:
+            objectives.append(CertifiedRadius(certificate_weight, certificate_method, certificate_radius,
+                                              certificate_topk))
+        return objectives
+
+    # ---- views of the objectives (0.1.0 attribute names) ---------------------------------------------
+    def _objective(self, kind: type) -> Any:
+        return next((o for o in self.objectives if isinstance(o, kind)), None)
+
+    @property
+    def attack(self) -> Any:
+        """The training attack: the ``attack`` of the first objective that has one (else ``None``)."""
+        attacks = (vars(o).get("attack") for o in self.objectives)
+        return next((a for a in attacks if a is not None), None)
+
+    @property
+    def train_attack(self) -> Attack | None:
+        """The attack the training inputs go through (its fast variant in fast mode; ``None`` for free)."""
+        o = self._objective(AdversarialTraining)
+        return None if o is None else o.train_attack
+
+    @property
+    def adversarial_mode(self) -> str:
+        """The ``mode`` of the first objective that has one (adversarial or text adversarial training)."""
+        modes = (vars(o).get("mode") for o in self.objectives)
+        return next((m for m in modes if isinstance(m, str)), "pgd")
+
+    @property
+    def _free_delta(self) -> torch.Tensor | None:
+        o = self._objective(AdversarialTraining)
+        return None if o is None else o.delta
+
+    @property
+    def tripwire_attack(self) -> Attack | None:
+        return None if self.tripwire is None else self.tripwire.attack
+
+    @property
+    def tripwire_batches(self) -> int:
+        return 0 if self.tripwire is None else self.tripwire.batches
+
+    @property
+    def tripwire_max_drop(self) -> float | None:
+        return None if self.tripwire is None else self.tripwire.max_drop
+
+    @property
+    def tripwire_history(self) -> list[float]:
+        return [] if self.tripwire is None else self.tripwire.history
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # The 0.1.0 shorthand tripwire_batches > 0 brings its TripWire callback along.
+        return [] if self.tripwire is None else [self.tripwire]
+
+    # ---- training ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Return ``(loss, logits for accuracy, extra logs)`` for a training batch."""
-        if self.train_attack is not None:
-            x = self.train_attack(self, x, y)
-        logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        extra: dict[str, Any] = {}
-        if self.certificate_weight > 0:
-            loss = loss + self.certificate_weight * self.certificate_loss(x, y, extra)
-        return loss, logits, extra
+    def step_generator(self, device: torch.device | str) -> torch.Generator | None:
+        """Random starts of this step: keyed by (seed, global step, rank), so a resumed run draws the same."""
+        if self.attack_seed is None:
+            return None
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        step = self.trainer.global_step if self._trainer is not None else 0
+        generator = torch.Generator(device=device)
+        generator.manual_seed((self.attack_seed * 1_000_003 + step * 7_919 + rank) % (2**63 - 1))
+        return generator
 
-    def certificate_loss(self, x: torch.Tensor, y: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
-        """The certified-robust training term for a batch (see ``certificate_weight``); logs into ``extra``."""
-        if self.certificate_method == "simplex":
-            term, radius = simplex_hinge_loss(self.net, x, y, self.certificate_radius, topk=self.certificate_topk)
-        else:
-            radius = certify(self.net, x, y, self.certificate_method, signed=True)
-            term = F.relu(1 - radius / self.certificate_radius).mean()
-        extra["certificate"] = radius.detach().clamp_min(0).mean()
-        extra["certificate_loss"] = term.detach()
-        return term
+    def training_batch(self, batch: Any) -> TrainingBatch:
+        """The objectives' view of a training batch (subclasses with other batch formats override this)."""
+        x, y, _ = split_batch(batch)
+        return TrainingBatch(x, y, generator=self.step_generator(x.device))
+
+    def objective_loss(self, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Sum of the objectives on ``batch`` (in list order) and their merged logs."""
+        for o in self.objectives:
+            o.prepare(self, batch)
+        total: torch.Tensor | None = None
+        logs: dict[str, torch.Tensor] = {}
+        for o in self.objectives:
+            loss, values = o(self, batch)
+            total = loss if total is None else total + loss
+            logs.update(values)
+        assert total is not None
+        return total, logs
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Return ``(loss, logits for accuracy, logs)`` for a training batch (one replay, no optimizer step)."""
+        batch = TrainingBatch(x, y, generator=self.step_generator(x.device))
+        loss, logs = self.objective_loss(batch)
+        return loss, batch.input_logits(self), logs
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y, _ = split_batch(batch)
-        self._hold_tripwire_batch(x, y)
-        if self.adversarial_mode == "free" and self.attack is not None:
-            loss, logits, extra = self._free_training_step(x, y)
+        tb = self.training_batch(batch)
+        if self.automatic_optimization:
+            loss, logs = self.objective_loss(tb)
         else:
-            loss, logits, extra = self.training_loss(x, y)
+            loss, logs = self._replayed_step(tb)
+        y = tb.y
+        with torch.no_grad():
+            logits = tb.input_logits(self)
         self.train_acc(logits.detach(), y)
+        for name, (acc_logits, acc_y) in tb.accuracies.items():
+            metric: MulticlassAccuracy = self.objective_accuracies[name]  # type: ignore[assignment]
+            metric(acc_logits, acc_y)
+            self.log(f"train/{name}", metric, on_step=False, on_epoch=True)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        for name, value in extra.items():
+        for name, value in logs.items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
         return loss
+
+    def _replayed_step(self, tb: TrainingBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Manual optimization: one optimizer step per replay of the minibatch (free adversarial training)."""
+        optimizer = self.optimizers()
+        replays = max(o.replays for o in self.objectives)
+        for r in range(replays):
+            tb.start_replay(r)
+            loss, logs = self.objective_loss(tb)
+            optimizer.zero_grad()  # type: ignore[union-attr]
+            self.manual_backward(loss)
+            optimizer.step()  # type: ignore[union-attr]
+            for o in self.objectives:
+                o.after_backward(tb)
+            if self.scheduler_factory is not None and self.scheduler_interval == "step":
+                self._step_schedulers()
+        return loss, logs
 
     def _eval_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y, _ = split_batch(batch)
@@ -214,73 +402,6 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
             },
         }
 
-    # ---- adversarial training (maths in attacks/adversarial_training.py) -----------------------------
-    def _init_adversarial(self, attack: Attack | None, mode: str, free_replays: int, fast_alpha: float | None,
-                          tripwire_batches: int, tripwire_attack: Attack | None,
-                          tripwire_max_drop: float | None) -> None:
-        for name, value in (("attack", attack), ("tripwire_attack", tripwire_attack)):
-            if value is not None and not isinstance(value, Attack):
-                raise TypeError(f"{name} must be an Attack, got {type(value).__name__}")
-        self.adversarial_mode = check_choice("adversarial_mode", mode, adv.ADVERSARIAL_MODES)
-        self.free_replays = check_positive_int("free_replays", free_replays)
-        self.tripwire_batches = check_positive_int("tripwire_batches", tripwire_batches, minimum=0)
-        if tripwire_max_drop is not None:
-            check_non_negative("tripwire_max_drop", tripwire_max_drop)
-        self.tripwire_max_drop = tripwire_max_drop
-        self.attack = attack
-        # The attack the training inputs go through: the given one, its fast variant, or none (free
-        # training perturbs inside its own step; clean training not at all).
-        self.train_attack: Attack | None = None
-        if attack is not None and mode == "pgd":
-            self.train_attack = attack
-        elif attack is not None and mode == "fast":
-            self.train_attack = adv.fast_attack(attack, fast_alpha)
-        elif attack is not None and mode == "free":
-            adv.free_delta_update(torch.zeros(1, 1), torch.zeros(1, 1), attack)  # checks the threat model
-            self.automatic_optimization = False
-        if tripwire_batches and tripwire_attack is None:
-            if attack is None:
-                raise ValueError("tripwire_attack must be given when tripwire_batches > 0 and attack is None")
-            tripwire_attack = adv.default_tripwire_attack(attack)
-        self.tripwire_attack = tripwire_attack
-        self._free_delta: torch.Tensor | None = None
-        self._tripwire_held: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.tripwire_history: list[float] = []
-
-    def _free_training_step(self, x: torch.Tensor,
-                            y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Free adversarial training: ``free_replays`` optimizer steps on this minibatch, one backward each."""
-        return self._free_replays(x, lambda x_adv: self.training_loss(x_adv, y))
-
-    def _free_replays(self, x: torch.Tensor, loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor,
-                      dict[str, Any]]]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """The free-training loop (Shafahi et al., arXiv 1904.12843) around ``loss_of(x_adv)``.
-
-        The minibatch is replayed ``free_replays`` times; each backward gives the weights' gradient and the
-        input gradient that updates the perturbation ``δ``, which is carried to the next minibatch (and kept
-        in checkpoints). Subclasses supply their own loss (ARD: the distillation loss).
-        """
-        assert self.attack is not None
-        threat = self.attack.threat
-        optimizer = self.optimizers()
-        n = x.shape[0]
-        if self._free_delta is None or self._free_delta.shape[1:] != x.shape[1:] or self._free_delta.shape[0] < n:
-            self._free_delta = torch.zeros_like(x)
-        self._free_delta = self._free_delta.to(x.device)
-        delta = self._free_delta[:n]
-        for _ in range(self.free_replays):
-            x_adv = (x + delta).clamp(threat.low, threat.high).detach().requires_grad_(True)
-            loss, logits, extra = loss_of(x_adv)
-            optimizer.zero_grad()  # type: ignore[union-attr]
-            self.manual_backward(loss)
-            optimizer.step()  # type: ignore[union-attr]
-            assert x_adv.grad is not None
-            delta = adv.free_delta_update(delta, x_adv.grad, self.attack).detach()
-            if self.scheduler_factory is not None and self.scheduler_interval == "step":
-                self._step_schedulers()
-        self._free_delta[:n] = delta
-        return loss, logits, extra
-
     def _step_schedulers(self) -> None:
         schedulers = self.lr_schedulers()
         for sch in schedulers if isinstance(schedulers, list) else [schedulers]:
@@ -291,47 +412,36 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
             elif sch is not None:
                 sch.step()  # type: ignore[call-arg]
 
-    def _hold_tripwire_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if len(self._tripwire_held) < self.tripwire_batches:
-            self._tripwire_held.append((x.detach().clone(), y.detach().clone()))
-
     def on_train_epoch_end(self) -> None:
         manual = not self.automatic_optimization
         if manual and self.scheduler_factory is not None and self.scheduler_interval == "epoch":
             self._step_schedulers()
-        if self.tripwire_attack is None or not self._tripwire_held:
-            return
-        correct, total = adv.robust_correct(self, self.tripwire_attack, self._tripwire_held)
-        counts = torch.tensor([correct, total], dtype=torch.float64, device=self.device)
-        if self.trainer.world_size > 1:
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        acc = float(counts[0] / counts[1])
-        self.tripwire_history.append(acc)
-        self.log("train/tripwire_acc", acc, on_epoch=True, sync_dist=False)
-        if adv.tripwire_tripped(self.tripwire_history, self.tripwire_max_drop):
-            from pytorch_lightning.utilities import rank_zero_warn
 
-            rank_zero_warn(f"trip-wire: accuracy under {type(self.tripwire_attack).__name__} fell to {acc:.3f} "
-                           f"from a best of {max(self.tripwire_history[:-1]):.3f} (catastrophic overfitting?); "
-                           "stopping training")
-            self.trainer.should_stop = True
-
+    # ---- checkpoint state ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state: dict[str, Any] = {"tripwire_history": list(self.tripwire_history)}
-        if self._free_delta is not None:
-            delta = self._free_delta
-            # Every rank carries its own perturbation; keep them all so each rank resumes with its own.
-            if self._trainer is not None and self.trainer.world_size > 1:
-                delta = self.trainer.strategy.all_gather(delta)
-            else:
-                delta = delta.unsqueeze(0)
-            state["free_delta"] = delta.detach().cpu()
-        checkpoint["adversarial_training"] = state
+        for o in self.objectives:
+            if o.state_key is None:
+                continue
+            state = dict(o.state_dict())
+            for key in o.per_rank_state:
+                if key in state:
+                    # e.g. free training's perturbation: every rank carries its own; keep them all, [ranks, ...]
+                    value = state[key]
+                    if self._trainer is not None and self.trainer.world_size > 1:
+                        value = self.trainer.strategy.all_gather(value)
+                    else:
+                        value = value.unsqueeze(0)
+                    state[key] = value.detach().cpu()
+            checkpoint[o.state_key] = state
+        if self.tripwire is not None:
+            # 0.1.0 kept the trip-wire history here; the TripWire callback also saves it in its own state.
+            checkpoint.setdefault("adversarial_training", {})["tripwire_history"] = list(self.tripwire.history)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("adversarial_training", {})
-        self.tripwire_history = [float(v) for v in state.get("tripwire_history", [])]
-        delta = state.get("free_delta")
-        if delta is not None:
-            rank = self.trainer.global_rank if self._trainer is not None else 0
-            self._free_delta = delta[min(rank, delta.shape[0] - 1)].to(self.device)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        for o in self.objectives:
+            if o.state_key is not None and o.state_key in checkpoint:
+                o.load_state_dict(checkpoint[o.state_key], rank=rank)
+        legacy = checkpoint.get("adversarial_training", {}).get("tripwire_history")
+        if self.tripwire is not None and legacy is not None:
+            self.tripwire.history = [float(v) for v in legacy]

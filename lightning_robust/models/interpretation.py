@@ -1,57 +1,30 @@
-"""Interpretation-regularized (adversarial) training (Levine, Singla & Feizi, arXiv 1905.12105 v1, App. D)."""
+"""Interpretation-regularized (adversarial) training (Levine, Singla & Feizi, arXiv 1905.12105 v1, App. D).
+
+The maths is :class:`~lightning_robust.objectives.SaliencyConsistency`; this module keeps the preset.
+"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
-import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lightning_robust.attacks.base import Attack
-from lightning_robust.interpret.attack import TopKSaliencyAttack
-from lightning_robust.interpret.saliency import topk_intersection
 from lightning_robust.models.classifier import Classifier, default_optimizer
-from lightning_robust.utils.validation import check_choice, check_fraction, check_non_negative
+from lightning_robust.objectives import AdversarialTraining, CrossEntropy, Objective, SaliencyConsistency
+from lightning_robust.objectives.saliency_consistency import saliency_difference
+from lightning_robust.utils.validation import check_choice, check_non_negative
 
 __all__ = ["InterpretationRegularizedClassifier", "saliency_difference"]
 
 
-def _unit(a: torch.Tensor) -> torch.Tensor:
-    flat = a.flatten(1)
-    return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def saliency_difference(g_natural: torch.Tensor, g_perturbed: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``mean_i (n(|g|)_i - n(|g'|)_i)²`` with ``n`` the per-sample L2 normalization ([B]).
-
-    The paper's penalty (the authors' ``MSELoss`` between unit-norm absolute gradient maps), per sample.
-    """
-    return (_unit(g_natural.abs()) - _unit(g_perturbed.abs())).pow(2).mean(1)
-
-
-@contextlib.contextmanager
-def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
-    """Batch-norm layers keep normalising with batch statistics but leave their running statistics alone."""
-    saved = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
-            saved.append((m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()))
-            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
-    try:
-        yield
-    finally:
-        for m, momentum, tracked in saved:
-            m.momentum = momentum
-            if tracked is not None and m.num_batches_tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
-
-
 class InterpretationRegularizedClassifier(Classifier):
     """Cross-entropy training plus a penalty on how much an adversary can change the saliency map.
+
+    A preset of :class:`Classifier` with the objectives ``[CrossEntropy(label_smoothing)`` (or
+    ``AdversarialTraining(attack)``) ``, SaliencyConsistency(saliency_weight, ...)]``
+    (:mod:`lightning_robust.objectives`).
 
     ``loss = CE(f(x_ce), y) + λ · mean_{valid b} saliency_difference(∇ z_c(x_b), ∇ z_c(x'_b))`` where ``c`` is
     the class predicted at the natural input, ``∇ z_c`` the input gradient of its logit (kept in the graph:
@@ -98,6 +71,8 @@ class InterpretationRegularizedClassifier(Classifier):
         >>> pl.Trainer(max_epochs=5).fit(model, datamodule=DigitsDataModule())
     """
 
+    hparams_ignore: ClassVar[tuple[str, ...]] = ("interpretation_attack",)
+
     def __init__(
         self,
         net: nn.Module,
@@ -113,62 +88,33 @@ class InterpretationRegularizedClassifier(Classifier):
         scheduler_monitor: str = "val/loss",
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(net, num_classes=num_classes, optimizer=optimizer, scheduler=scheduler,
-                         scheduler_interval=scheduler_interval, scheduler_monitor=scheduler_monitor,
-                         label_smoothing=label_smoothing)
         check_non_negative("saliency_weight", saliency_weight)
         check_choice("perturbation", perturbation, ("interpretation", "attack"))
-        check_fraction("topk_fraction", topk_fraction, inclusive_low=False, inclusive_high=True)
         for name, value in (("attack", attack), ("interpretation_attack", interpretation_attack)):
             if value is not None and not isinstance(value, Attack):
                 raise TypeError(f"{name} must be an Attack or None, got {type(value).__name__}")
         if perturbation == "attack" and attack is None:
             raise ValueError("perturbation='attack' needs an attack (e.g. PGD) to produce the perturbed inputs")
-        # The parent's save_hyperparameters also collected this class's arguments: redo it so that no
-        # attack object lands in the checkpoint (weights_only loading).
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "attack", "interpretation_attack"])
-        self.hparams["num_classes"] = self.num_classes
-        self.saliency_weight = float(saliency_weight)
-        self.attack = attack
-        self.perturbation = perturbation
-        if perturbation == "interpretation" and interpretation_attack is None:
-            interpretation_attack = TopKSaliencyAttack()
-        self.interpretation_attack = interpretation_attack
-        self.topk_fraction = float(topk_fraction)
+        first: Objective = (CrossEntropy(label_smoothing=label_smoothing) if attack is None
+                            else AdversarialTraining(attack, "pgd", label_smoothing=label_smoothing))
+        self_consistency = SaliencyConsistency(saliency_weight, interpretation_attack, perturbation, topk_fraction)
+        super().__init__(net, num_classes=num_classes, optimizer=optimizer, scheduler=scheduler,
+                         scheduler_interval=scheduler_interval, scheduler_monitor=scheduler_monitor,
+                         objectives=[first, self_consistency])
+        self.saliency = self_consistency
 
-    def _perturbed(self, x: torch.Tensor, y: torch.Tensor, x_ce: torch.Tensor) -> torch.Tensor:
-        if self.perturbation == "attack":
-            return x_ce
-        assert self.interpretation_attack is not None
-        return self.interpretation_attack(self, x, y)
+    @property
+    def saliency_weight(self) -> float:
+        return self.saliency.weight
 
-    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        x_ce = self.attack(self, x, y) if self.attack is not None else x
-        logits = self(x_ce)
-        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        if self.saliency_weight == 0:
-            return ce, logits, {}
-        x_pert = self._perturbed(x, y, x_ce).detach()
-        valid = (x_pert != x).flatten(1).any(1)
-        B = x.shape[0]
-        if x_ce is x:
-            cls = logits.detach().argmax(1)
-        else:
-            with torch.no_grad():
-                cls = self(x).argmax(1)
-        both = torch.cat([x, x_pert]).detach().requires_grad_(True)
-        with _running_stats_frozen(self.net):
-            # The penalty's forward sees perturbed inputs: it must not move BatchNorm's running statistics
-            # (the cross-entropy forward above already updated them once for this batch).
-            z = self(both)
-        # create_graph: the saliency maps stay functions of the weights (double backpropagation).
-        (g,) = torch.autograd.grad(z.gather(1, cls.repeat(2)[:, None]).sum(), both, create_graph=True)
-        per_sample = saliency_difference(g[:B], g[B:])
-        penalty = (per_sample * valid).sum() / valid.sum().clamp_min(1)
-        loss = ce + self.saliency_weight * penalty if self.saliency_weight > 0 else ce
-        with torch.no_grad():
-            k = max(1, int(self.topk_fraction * x[0].numel()))
-            overlap = topk_intersection(g[:B].detach(), g[B:].detach(), k).double() / k
-            # Samples the attack could not move keep their map: they count as full overlap.
-            overlap = overlap.mean()
-        return loss, logits, {"saliency_penalty": penalty.detach(), "saliency_topk": overlap.float()}
+    @property
+    def interpretation_attack(self) -> Any:
+        return self.saliency.interpretation_attack
+
+    @property
+    def perturbation(self) -> str:
+        return self.saliency.perturbation
+
+    @property
+    def topk_fraction(self) -> float:
+        return self.saliency.topk_fraction

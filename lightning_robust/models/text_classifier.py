@@ -12,7 +12,7 @@ a few words are perturbed. As in those papers' code, the perturbation is compute
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_robust.attacks.text import TextAttack, model_logits
 from lightning_robust.models.classifier import Classifier, default_optimizer
+from lightning_robust.objectives import CrossEntropy, Objective, TextAdversarialTraining, TrainingBatch
+from lightning_robust.objectives.text_adversarial import PERTURBATION_MODES, TEXT_ADVERSARIAL_MODES
 from lightning_robust.utils.validation import check_choice, check_non_negative
 
 __all__ = ["TextClassifier"]
@@ -42,6 +44,10 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor
 
 class TextClassifier(Classifier):
     """Cross-entropy training of a text classifier, optionally with (SPGD) adversarial training.
+
+    A preset of :class:`Classifier` with the objectives ``[CrossEntropy(label_smoothing),
+    TextAdversarialTraining(attack, adversarial_weight, adversarial_mode)]`` (the second only with an
+    ``attack``); this class adds the text batch format, the text-net interface and the evaluation attack.
 
     The net follows the text-net convention (``net(input_ids, attention_mask)`` or
     ``net(inputs_embeds=..., attention_mask=...)``, ``net.get_input_embeddings()``), e.g.
@@ -76,6 +82,8 @@ class TextClassifier(Classifier):
         >>> pl.Trainer(max_epochs=2).fit(model, datamodule=IMDBDataModule(tokenizer="glove"))
     """
 
+    hparams_ignore: ClassVar[tuple[str, ...]] = ("eval_attack",)
+
     def __init__(
         self,
         net: nn.Module,
@@ -92,31 +100,28 @@ class TextClassifier(Classifier):
         scheduler_monitor: str = "val/loss",
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(net, num_classes=num_classes, optimizer=optimizer, scheduler=scheduler,
-                         scheduler_interval=scheduler_interval, scheduler_monitor=scheduler_monitor,
-                         label_smoothing=label_smoothing)
         for name, value in (("attack", attack), ("eval_attack", eval_attack)):
             if value is not None and not isinstance(value, TextAttack):
                 raise TypeError(f"{name} must be a TextAttack (SPGD, AdvTText, IAdvTText, EmbeddingPGD), "
                                 f"got {type(value).__name__}")
         check_non_negative("adversarial_weight", adversarial_weight)
-        check_choice("adversarial_mode", adversarial_mode, ("embedding", "tokens"))
-        check_choice("perturbation_mode", perturbation_mode, ("train", "attack"))
+        check_choice("adversarial_mode", adversarial_mode, TEXT_ADVERSARIAL_MODES)
+        check_choice("perturbation_mode", perturbation_mode, PERTURBATION_MODES)
         if evaluate_attack and attack is None and eval_attack is None:
             raise ValueError("evaluate_attack=True needs an attack or an eval_attack")
         if not callable(getattr(net, "get_input_embeddings", None)) and (attack is not None or eval_attack is not None):
             raise TypeError(f"{type(net).__name__} must expose get_input_embeddings() to be attacked")
-        # Only primitives in hparams (checkpoints load with weights_only=True).
-        self.save_hyperparameters(ignore=["net", "attack", "eval_attack", "optimizer", "scheduler"])
-        self.hparams["num_classes"] = self.num_classes
-        # Classifier's image-attack slot is reused for the text attack (typed TextAttack here).
-        self.attack = attack  # type: ignore[assignment]
+        objectives: list[Objective] = [CrossEntropy(label_smoothing=label_smoothing)]
+        if attack is not None:
+            objectives.append(TextAdversarialTraining(attack, adversarial_weight, adversarial_mode, label_smoothing,
+                                                      perturbation_mode))
+        super().__init__(net, num_classes=num_classes, optimizer=optimizer, scheduler=scheduler,
+                         scheduler_interval=scheduler_interval, scheduler_monitor=scheduler_monitor,
+                         objectives=objectives)
         self.eval_attack = eval_attack if eval_attack is not None else attack
         self.adversarial_weight = adversarial_weight
-        self.adversarial_mode = adversarial_mode
         self.perturbation_mode = perturbation_mode
         self.evaluate_attack = evaluate_attack
-        self.train_adv_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.val_adv_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.test_adv_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.val_success = MeanMetric()
@@ -137,34 +142,9 @@ class TextClassifier(Classifier):
         return tuple(getattr(self.net, "special_token_ids", ()))
 
     # ---- steps --------------------------------------------------------------------------------------
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_batch(self, batch: Any) -> TrainingBatch:
         ids, mask, y = _unpack(batch)
-        logits = self(ids, mask)
-        clean = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        loss = clean
-        self.train_acc(logits.detach(), y)
-        text_attack = cast("TextAttack | None", self.attack)
-        if text_attack is not None and self.adversarial_weight > 0:
-            if self.adversarial_mode == "embedding":
-                r = text_attack.embedding_perturbation(
-                    self, ids, y, mask, model_mode="train" if self.perturbation_mode == "train" else None)
-                embeds = self.get_input_embeddings()(ids) + r
-                adv_logits = self(inputs_embeds=embeds, attention_mask=mask)
-                words = (r.norm(dim=-1) > 0).sum(1).float().mean()
-            else:
-                res = text_attack(self, ids, y, mask)
-                adv_logits = self(res.input_ids, mask)
-                words = res.num_changed.float().mean()
-            adv = F.cross_entropy(adv_logits, y, label_smoothing=self.label_smoothing)
-            loss = clean + self.adversarial_weight * adv
-            self.train_adv_acc(adv_logits.detach(), y)
-            self.log("train/clean_loss", clean, on_step=False, on_epoch=True, sync_dist=True)
-            self.log("train/adv_loss", adv, on_step=False, on_epoch=True, sync_dist=True)
-            self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True)
-            self.log("train/words_perturbed", words, on_step=False, on_epoch=True, sync_dist=True)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
+        return TrainingBatch(ids, y, forward_kwargs={"attention_mask": mask})
 
     def _eval_step(self, batch: Any, stage: str) -> torch.Tensor:
         ids, mask, y = _unpack(batch)

@@ -1,4 +1,4 @@
-"""DeepKNNPoisonFilter on a foreign LightningModule: planted mislabelled points, loaders, resume, errors."""
+"""DeepKNNPoisonFilter on a foreign LightningModule: planted mislabelled points, one exclusion path, resume, errors."""
 
 import json
 
@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_robust.callbacks import DeepKNNPoisonFilter
-from lightning_robust.datamodules import DigitsDataModule, FilteredDataset, load_digits_tensors
+from lightning_robust.datamodules import DatasetDataModule, DigitsDataModule, load_digits_tensors
 from lightning_robust.defenses import deep_knn_filter
 from tests.helpers.ddp import single_trainer
 
@@ -64,12 +64,28 @@ def _noisy_dm() -> NoisyDigits:
     return NoisyDigits(batch_size=64, val_fraction=0.0, with_index=True)
 
 
+class CountingSetup(NoisyDigits):
+    """Counts ``setup`` calls: only the Trainer may call it."""
+
+    setups = 0
+
+    def setup(self, stage=None):
+        type(self).setups += 1
+        super().setup(stage)
+
+
 def test_foreign_module_removes_planted_mislabelled_points(tmp_path):
-    dm, model, rec = _noisy_dm(), ForeignClassifier(), IndexRecorder()
+    dm = CountingSetup(batch_size=64, val_fraction=0.0, with_index=True)
+    model, rec = ForeignClassifier(), IndexRecorder()
     filt = DeepKNNPoisonFilter(layer="backbone.2", filter_epoch=3, output_file=str(tmp_path / "removed.json"))
-    trainer = single_trainer(tmp_path, max_epochs=4, callbacks=[filt, rec], limit_val_batches=0)
+    trainer = single_trainer(tmp_path, max_epochs=4, callbacks=[filt, rec], limit_val_batches=0,
+                             reload_dataloaders_every_n_epochs=1)
     trainer.fit(model, datamodule=dm)
+    assert CountingSetup.setups == 1  # the Trainer's own setup("fit"); the callback never calls it
     removed = set(filt.removed_indices)
+    # logged through the LightningModule: monitorable like any metric
+    assert trainer.callback_metrics["poison_filter/num_removed"].item() == len(removed)
+    assert trainer.callback_metrics["poison_filter/num_examples"].item() == len(dm.train_dataset)
     assert set(FLIPPED) <= removed  # every planted mislabelled point is caught
     assert len(removed - set(FLIPPED)) < 0.05 * len(dm.train_dataset)  # few clean ones
     # Epochs before the filter saw everything; the next epoch's loader no longer yields removed points.
@@ -83,29 +99,37 @@ def test_foreign_module_removes_planted_mislabelled_points(tmp_path):
     assert filt.k_used == report["k"]
 
 
-def test_plain_dataloader_over_filtered_dataset_and_separate_extractor(tmp_path):
+def test_plain_datasets_through_dataset_datamodule_and_separate_extractor(tmp_path):
     x, y = load_digits_tensors()
     x, y = x[:600], y[:600].clone()
     y[FLIPPED[:8]] = (y[FLIPPED[:8]] + 1) % 10
-    data = FilteredDataset(TensorDataset(x, y), with_index=True)
+    dm = DatasetDataModule(TensorDataset(x, y), val_fraction=0.0, with_index=True, batch_size=100)
     extractor = nn.Sequential(nn.Flatten())  # raw pixels: the digits are well clustered already
     ref_keep = deep_knn_filter(x.flatten(1), y, 20)
     rec = IndexRecorder()
     filt = DeepKNNPoisonFilter(k=20, feature_extractor=extractor, filter_epoch=1)
-    trainer = single_trainer(tmp_path, max_epochs=2, callbacks=[filt, rec])
-    trainer.fit(ForeignClassifier(), DataLoader(data, batch_size=100, shuffle=True))
+    trainer = single_trainer(tmp_path, max_epochs=2, callbacks=[filt, rec], reload_dataloaders_every_n_epochs=1)
+    trainer.fit(ForeignClassifier(), datamodule=dm)
     assert filt.removed_indices == (~ref_keep).nonzero().flatten().tolist()
     assert set(FLIPPED[:8]) <= set(filt.removed_indices)
-    assert data.excluded_indices == filt.removed_indices
+    assert dm.excluded_train_indices == filt.removed_indices
     assert set(filt.removed_indices).isdisjoint(rec.seen[1]) and len(rec.seen[0]) == 600
-    assert trainer.reload_dataloaders_every_n_epochs == 1  # arranged by the callback
     assert (tmp_path / "poison_filter.json").is_file()
+
+
+def test_filter_after_epoch_0_asks_for_reloaded_loaders_and_leaves_the_trainer_alone(tmp_path):
+    trainer = single_trainer(tmp_path, max_epochs=2, limit_val_batches=0,
+                             callbacks=[DeepKNNPoisonFilter(layer="backbone.2", filter_epoch=1)])
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
+        trainer.fit(ForeignClassifier(), datamodule=_noisy_dm())
+    assert trainer.reload_dataloaders_every_n_epochs == 0  # not changed behind the user's back
 
 
 def test_resume_keeps_the_same_kept_set(tmp_path):
     ckpts = tmp_path / "ckpt"
     filt = DeepKNNPoisonFilter(layer="backbone.2", filter_epoch=1)
     trainer = single_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, limit_val_batches=0,
+                             reload_dataloaders_every_n_epochs=1,
                              callbacks=[filt, ModelCheckpoint(dirpath=ckpts, save_top_k=-1, every_n_epochs=1)])
     trainer.fit(ForeignClassifier(), datamodule=_noisy_dm())
     first = filt.removed_indices
@@ -114,16 +138,21 @@ def test_resume_keeps_the_same_kept_set(tmp_path):
     assert [p.name[:7] for p in saved] == ["epoch=0", "epoch=1"]
     for path in saved:  # saved after the filter ran at the end of epoch 0, so both hold the decision
         state = torch.load(path, weights_only=True)
-        assert any(v.get("removed_indices") == first for v in state["callbacks"].values())
+        # the removed positions are checkpointed once, in the DataModule's exclusion set; the callback's
+        # state only records that it decided (before epoch 1)
+        assert state["NoisyDigits"]["excluded_train_indices"] == first
+        (filter_state,) = [v for v in state["callbacks"].values() if "filtered_before_epoch" in v]
+        assert filter_state["filtered_before_epoch"] == 1 and "removed_indices" not in filter_state
     # A fresh callback with another k, a fresh DataModule: the resumed run re-applies the saved removal.
     again = DeepKNNPoisonFilter(k=3, layer="backbone.2", filter_epoch=1)
     decisions = []
     again.run_filter = lambda *args: decisions.append(args)  # a resumed run must not decide again
     rec = IndexRecorder()
     dm = _noisy_dm()
-    resumed = single_trainer(tmp_path / "r", max_epochs=3, limit_val_batches=0, callbacks=[again, rec])
+    resumed = single_trainer(tmp_path / "r", max_epochs=3, limit_val_batches=0, callbacks=[again, rec],
+                             reload_dataloaders_every_n_epochs=1)
     resumed.fit(ForeignClassifier(), datamodule=dm, ckpt_path=str(saved[0]))
-    assert decisions == [] and again.removed_indices == first
+    assert decisions == [] and again.filtered_before_epoch == 1
     assert dm.excluded_train_indices == first
     for epoch in (1, 2):
         assert set(first).isdisjoint(rec.seen[epoch])
@@ -152,8 +181,8 @@ def test_missing_layer_k_too_large_and_unsupported_data(tmp_path):
             ForeignClassifier(), datamodule=small)
     x, y = load_digits_tensors()
     plain = DataLoader(TensorDataset(x[:100], y[:100]), batch_size=50)
-    with pytest.raises(RuntimeError, match=r"wrap the training dataset in .*FilteredDataset"):
-        single_trainer(tmp_path, max_epochs=2, callbacks=[DeepKNNPoisonFilter(filter_epoch=1)]).fit(
+    with pytest.raises(TypeError, match=r"trainer.datamodule, which must be a lightning_robust RobustDataModule"):
+        single_trainer(tmp_path, max_epochs=2, callbacks=[DeepKNNPoisonFilter(filter_epoch=0)]).fit(
             ForeignClassifier(), plain)
 
 

@@ -67,7 +67,7 @@ class Probe(pl.Callback):
 
 @pytest.mark.ddp
 def test_ranks_agree_and_match_one_process(tmp_path):
-    trainer = ddp_trainer(tmp_path, max_epochs=3, limit_val_batches=0,
+    trainer = ddp_trainer(tmp_path, max_epochs=3, limit_val_batches=0, reload_dataloaders_every_n_epochs=1,
                           callbacks=[*_filters(), Probe(str(tmp_path / "probe.pt"))])
     trainer.fit(ForeignClassifier(), datamodule=_datamodule())
     got = torch.load(tmp_path / "probe.pt", weights_only=True)

@@ -252,7 +252,7 @@ def test_resume_from_a_mid_training_checkpoint_is_exact(tmp_path, mode):
     if mode == "pgd":
         # Resuming with another teacher is allowed (it is an input) but flagged.
         other = _resumable(mode)
-        object.__setattr__(other, "_teacher", SmallCNN(input_size=8).eval())
+        other.distillation.teacher = SmallCNN(input_size=8).eval()  # the teacher lives in its objective
         with pytest.warns(UserWarning, match="teacher differs"):
             _trainer(tmp_path / "e", max_epochs=2).fit(other, train_dataloaders=_ordered_loader(), ckpt_path=str(ckpt))
     if mode == "free":

@@ -161,3 +161,15 @@ def test_ddp_ranks_agree(tmp_path):
     params = torch.load(tmp_path / "p.pt", weights_only=True)
     assert torch.equal(params[0], params[1])
     assert torch.equal(params[0], flat_params(gan))
+
+
+def test_sampling_restores_each_submodule_mode():
+    # A generator training with one submodule deliberately in eval mode (a frozen normalisation layer):
+    # sampling runs it in eval mode and must give every submodule its own flag back, not the generator's.
+    gan = GAN(ToyG(), toy_d(), loss="wgan-gp", ema_decay=0.0)
+    gen = gan.generator.train()
+    first = next(m for m in gen.modules() if m is not gen)
+    first.eval()
+    before = [m.training for m in gen.modules()]
+    gan.sample(n=3, use_ema=False)
+    assert [m.training for m in gen.modules()] == before

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from lightning_robust.callbacks import RNGStateCheckpoint
+from lightning_robust.callbacks import DeepKNNPoisonFilter, RNGStateCheckpoint
 from tests.reliability.resume_cases import CASES, EPOCHS, TRAINER_KW
 
 
@@ -15,9 +15,12 @@ def _trainer(out: Path, epochs: int, callbacks: list) -> pl.Trainer:
         # What the CLI installs by default: modules that draw random numbers (attack random starts,
         # dropout) need the generators' states in the checkpoint.
         callbacks = [*callbacks, RNGStateCheckpoint()]
+    # A poison filter acting after epoch 0 needs the train loader rebuilt each epoch (it asks for it).
+    reload = int(any(isinstance(c, DeepKNNPoisonFilter) and c.filter_epoch > 0 for c in callbacks))
     return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, deterministic=True, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=str(out), callbacks=callbacks, **TRAINER_KW)
+                      default_root_dir=str(out), callbacks=callbacks, reload_dataloaders_every_n_epochs=reload,
+                      **TRAINER_KW)
 
 
 def main(phase: str, out: Path) -> None:

@@ -41,6 +41,7 @@ def required_value(name: str, cls_name: str, tmp: str) -> Any:
         "root": tmp,
         "data_dir": tmp,
         "path": tmp,
+        "output_dir": tmp,
     }
     if name == "generator":
         return LinearGenerator(hidden=()) if cls_name == "NWGAN" else MLPGenerator(latent_dim=2)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.reliability.argument_recipes import required_value
 
-PACKAGES = ("models", "callbacks", "datamodules", "attacks", "metrics", "nets")
+PACKAGES = ("models", "callbacks", "datamodules", "attacks", "metrics", "nets", "objectives")
 
 # Classes built elsewhere in the tests (abstract bases; wrappers over user datasets/tensors; classes whose
 # required arguments must agree with each other), with the reason they are not swept.
@@ -32,7 +32,9 @@ NOT_SWEPT = {
     "attacks.Compose": "takes a list of perturbations (tests/attacks)",
     "attacks.LayerFeatures": "needs a net and a matching layer name (tests/attacks/test_poisons.py)",
     "callbacks.GANEvaluation": "needs a feature net (tests/callbacks/test_gan_callbacks.py)",
+    "datamodules.DatasetDataModule": "wraps user datasets (tests/callbacks/test_poison_filter.py)",
     "datamodules.FilteredDataset": "wraps a user dataset",
+    "datamodules.LoaderOptions": "the TypedDict of the loader settings (swept through every DataModule)",
     "datamodules.ImageFileDataset": "wraps a list of files",
     "datamodules.IndexedDataset": "wraps a user dataset",
     "datamodules.PoisonSwapDataset": "wraps a user dataset",
@@ -45,6 +47,9 @@ NOT_SWEPT = {
     "nets.DualCritic": "takes two critic nets",
     "nets.LinearProbe": "needs a net and its head's name",
     "nets.Normalize": "takes per-channel mean and std",
+    "objectives.Objective": "abstract",
+    "objectives.TrainingBatch": "a per-step record of tensors",
+    "objectives.TextAdversarialTraining": "needs a TextAttack (tests/objectives, tests/models/test_text_classifier.py)",
 }
 # Numeric arguments for which a negative value is legitimate.
 NEGATIVE_OK = {"low"}  # value bounds of the threat model: inputs may live in [-1, 1]
@@ -70,6 +75,19 @@ def _build_args(qual: str, cls: type, tmp: str) -> dict[str, Any]:
     return args
 
 
+def _defaults(cls: type) -> list[tuple[str, Any]]:
+    """``(name, default)`` of the constructor's arguments; ``**loader: Unpack[LoaderOptions]`` counts as its nine."""
+    from lightning_robust.datamodules.base import LOADER_DEFAULTS
+
+    out: list[tuple[str, Any]] = []
+    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if p.kind == p.VAR_KEYWORD and "LoaderOptions" in str(p.annotation):
+            out += list({**LOADER_DEFAULTS, **getattr(cls, "loader_defaults", {})}.items())
+        elif p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            out.append((p.name, p.default))
+    return out
+
+
 def _bad_values(default: Any) -> list[Any]:
     bad: list[Any] = [float("nan"), "oops"]
     if default >= 0:
@@ -93,14 +111,13 @@ def test_numeric_arguments_reject_bad_values_naming_the_argument(tmp_path, qual,
     base = _build_args(qual, cls, str(tmp_path))
     cls(**base)  # the valid baseline builds
     tried = 0
-    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-        default = p.default
+    for name, default in _defaults(cls):
         if default is inspect.Parameter.empty or isinstance(default, bool) or not isinstance(default, (int, float)):
             continue
         for bad in _bad_values(default):
-            if bad == -1 and p.name in NEGATIVE_OK:
+            if bad == -1 and name in NEGATIVE_OK:
                 continue
             tried += 1
             with pytest.raises((ValueError, TypeError)) as info:
-                cls(**{**base, p.name: bad})
-            assert p.name in str(info.value), f"{qual}({p.name}={bad!r}): error does not name it: {info.value}"
+                cls(**{**base, name: bad})
+            assert name in str(info.value), f"{qual}({name}={bad!r}): error does not name it: {info.value}"
