@@ -7,8 +7,9 @@ Dispatch is explicit, on the logger's type:
 * ``MLFlowLogger``: ``MlflowClient.log_image`` into the run's artifacts under ``images/`` (needs ``mlflow``);
 * ``CSVLogger`` and any other logger with a ``log_dir``: a PNG under ``<log_dir>/images/``;
 * no logger: a PNG under ``<trainer.default_root_dir>/images/`` when that folder was set explicitly; with
-  the Trainer's default (the current directory) nothing is written, with a warning, so a script never
-  litters the folder it is started from.
+  the Trainer's default (the current directory) nothing is written, so a script never litters the folder it
+  is started from. That is silent, as is ``fast_dev_run``'s ``DummyLogger``: ``logger=False`` and
+  ``fast_dev_run`` are the user's own choice not to log (and the callbacks keep their last image in memory).
 
 Errors of a logger's API propagate (nothing is swallowed).
 """
@@ -25,6 +26,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.loggers.logger import DummyLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_robust.utils.plotting import figure_to_tensor, save_figure
@@ -91,6 +93,8 @@ def log_image(trainer: Any, tag: str, image: ImageLike, step: int | None = None)
     loggers: list[Logger] = list(getattr(trainer, "loggers", None) or [])
     written: Path | None = None
     for logger in loggers:
+        if isinstance(logger, DummyLogger):  # fast_dev_run: logging is switched off on purpose
+            continue
         if isinstance(logger, TensorBoardLogger):
             if isinstance(image, Figure):
                 logger.experiment.add_figure(tag, image, global_step=step, close=False)
@@ -109,8 +113,6 @@ def log_image(trainer: Any, tag: str, image: ImageLike, step: int | None = None)
     if not loggers:
         root = getattr(trainer, "default_root_dir", None)
         if root is None or Path(root).resolve() == Path(os.getcwd()).resolve():
-            rank_zero_warn(f"log_image: the Trainer has no logger and no default_root_dir, so {tag!r} is not saved "
-                           "(set a logger, e.g. CSVLogger, or default_root_dir)")
-            return None
+            return None  # logger=False and no chosen folder: never write into the current directory
         written = _write_png(image, Path(root) / "images" / _file_name(tag, step))
     return written

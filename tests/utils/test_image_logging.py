@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -96,7 +97,8 @@ def test_no_logger_writes_under_an_explicit_root_and_never_into_the_current_fold
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    with pytest.warns(UserWarning, match="no logger"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # logger=False is the user's choice: skipped silently
         assert log_image(_trainer(cwd, []), "img", IMAGE) is None
     assert not list(cwd.iterdir())
 
@@ -118,7 +120,17 @@ def test_only_rank_zero_logs_and_bad_images_are_refused(tmp_path) -> None:
 def test_no_logger_and_no_root_writes_nothing_in_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    with pytest.warns(UserWarning, match="not saved"):  # skipped, and said so
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # logger=False is the user's choice: skipped silently
+        assert log_image(trainer, "grid", torch.rand(3, 4, 4)) is None
+    assert os.listdir(tmp_path) == []
+
+
+def test_fast_dev_run_logs_no_image_and_warns_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = pl.Trainer(fast_dev_run=True, enable_progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert log_image(trainer, "grid", torch.rand(3, 4, 4)) is None
     assert os.listdir(tmp_path) == []
 
