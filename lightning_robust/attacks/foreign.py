@@ -28,6 +28,7 @@ from torch import nn
 
 from lightning_robust.attacks.base import Attack
 from lightning_robust.attacks.threat import ThreatModel
+from lightning_robust.utils.validation import check_finite
 
 __all__ = ["ForeignAttack", "ForeignAttackError", "as_attack", "check_adversarial_output", "is_torchattacks"]
 
@@ -69,6 +70,7 @@ def check_adversarial_output(x_adv: Any, x: torch.Tensor, threat: ThreatModel, t
         ForeignAttackError: naming ``name``, the failed check and, for the last two, how many samples fail
             and by how much.
     """
+    check_finite("x", x)
     if not torch.is_tensor(x_adv):
         raise ForeignAttackError(f"{name} returned {type(x_adv).__name__}, expected a tensor of shape "
                                  f"{tuple(x.shape)}")

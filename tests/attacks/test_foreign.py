@@ -16,6 +16,7 @@ from lightning_robust.attacks import (
     ThreatModel,
     as_attack,
 )
+from lightning_robust.attacks.foreign import check_adversarial_output
 from lightning_robust.nets import SmallCNN
 
 EPS = 0.1
@@ -186,3 +187,11 @@ def test_autoattack_is_at_least_as_strong_as_pgd20(trained_digits_cnn: SmallCNN,
     assert robust_aa.sum() < clean.sum()  # it does break inputs
     # inputs the net already gets wrong are left as they are
     torch.testing.assert_close(aa[~clean], x[~clean], atol=0, rtol=0)
+
+
+def test_check_adversarial_output_refuses_a_nan_clean_input_by_name() -> None:
+    x = torch.rand(2, 1, 4, 4)
+    threat = ThreatModel("linf", 0.1)
+    assert check_adversarial_output(x.clone(), x, threat) is not None
+    with pytest.raises(ValueError, match=r"\bx\b.*NaN or inf"):
+        check_adversarial_output(x.clone(), x.masked_fill(x > 0.5, float("nan")), threat)

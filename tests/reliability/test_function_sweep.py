@@ -27,6 +27,9 @@ NOT_SWEPT = {
     "estimate_normalized_wasserstein": "trains a critic (tests/ot/test_normalized_wasserstein.py)",
     "fit_fake_potential": "needs a generator (tests/ot/test_likelihood.py)",
     "caso_solve": "takes a gradient and a Hessian-vector product (tests/interpret/test_second_order.py)",
+    "as_attack": "takes an attack object; its bad arguments are tested in tests/attacks/test_foreign.py",
+    "check_adversarial_output": "refuses a bad x_adv by naming the attack, not the argument, with "
+                                "ForeignAttackError (each check: tests/attacks/test_foreign.py)",
 }
 
 

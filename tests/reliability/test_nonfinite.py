@@ -137,6 +137,9 @@ NOT_SWEPT = {
     "entropic_log_likelihood": "needs trained critics (checks y)",
     "estimate_normalized_wasserstein": "trains a critic (checks target and components)",
     "fit_fake_potential": "needs a generator (checks data)",
+    "as_attack": "takes an attack object, no tensor (tests/attacks/test_foreign.py)",
+    "check_adversarial_output": "a NaN x_adv is its ForeignAttackError naming the attack (tests/attacks/"
+                                "test_foreign.py); a NaN clean x is refused by check_finite('x')",
 }
 # (function, argument) pairs where +inf is a valid value: only NaN and -inf must be refused.
 POSINF_OK = {("hyperplane_distance", "slack"), ("region_radius", "slack"), ("simplex_radius", "slack"),
