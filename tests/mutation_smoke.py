@@ -56,7 +56,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("recolor-box", "ReColorAdv 1906.00001", "colour-grid offsets are not projected onto their bounds",
            "lightning_robust/attacks/recoloradv.py",
            "return torch.minimum(torch.maximum(params, lower), upper)", "return params",
-           ("tests/attacks/test_functional.py", "tests/attacks/test_contract.py")),
+           ("tests/attacks/test_functional_base.py", "tests/attacks/test_contract.py")),
     Mutant("spgd-segment", "SPGD 1905.12864", "the projection may overshoot the neighbour (no cap at its distance)",
            "lightning_robust/attacks/spgd.py",
            "s = a.clamp_min(0.0) if distances is None else torch.minimum(a.clamp_min(0.0), distances)",
