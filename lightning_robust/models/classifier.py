@@ -298,12 +298,17 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def step_generator(self, device: torch.device | str) -> torch.Generator | None:
-        """Random starts of this step: keyed by (seed, global step, rank), so a resumed run draws the same."""
+    def step_generator(self, device: torch.device | str, step: int | None = None) -> torch.Generator | None:
+        """Random starts of this step: keyed by (seed, global step, rank), so a resumed run draws the same.
+
+        ``step`` overrides the trainer's global step (a loop without a Trainer, e.g. the benchmarks' plain-loop
+        twin, passes its own optimizer-step count and so draws the noise ``Trainer.fit`` would).
+        """
         if self.attack_seed is None:
             return None
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        step = self.trainer.global_step if self._trainer is not None else 0
+        if step is None:
+            step = self.trainer.global_step if self._trainer is not None else 0
         generator = torch.Generator(device=device)
         generator.manual_seed((self.attack_seed * 1_000_003 + step * 7_919 + rank) % (2**63 - 1))
         return generator
