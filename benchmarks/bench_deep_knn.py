@@ -153,5 +153,6 @@ def run(quick: bool = False) -> str:
          "peak extra memory (MB)", "scikit-learn brute CPU seconds", "speed-up vs scikit-learn (target >= 1)"], rows)
     return (f"### Deep k-NN filter, n = {n:,} points, d = {D} (flops counted: 2 n^2 d = {flops / 1e12:.2f} TFLOP)\n\n"
             + table + "\n\n" + " ".join(notes)
-            + f" Features are 10 Gaussian clusters ({x.numel() * 4 / 2**20:.0f} MB); CPU distances are computed in "
-            f"blocks of 32 MB ({max(1, min(n, 2**25 // (5 * n))):,} rows x {n:,}), GPU ones in blocks of 256 MB.")
+            + f" Features are 10 Gaussian clusters ({x.numel() * 4 / 2**20:.0f} MB); CPU distances are computed "
+            f"in blocks of 64 MB ({max(1, min(n, 2**26 // (5 * n))):,} rows x {n:,}, one reused buffer), GPU ones "
+            "in blocks of 256 MB.")

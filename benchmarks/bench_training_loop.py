@@ -186,7 +186,9 @@ def run(quick: bool = False, target: float | None = None, only: list[str] | None
         print(rows[-1], flush=True)
     gflops = matmul_gflops(512 if quick else 1024)
     return (
-        f"### Training-loop overhead (fits of ~{target:g} CPU s, best of {repeat} alternating runs)\n\n"
+        f"### Training-loop overhead (fits of ~{target:g} CPU s, "
+        + ("one twin-then-Trainer pair per module" if repeat == 1 else f"best of {repeat} alternating runs")
+        + ")\n\n"
         + markdown_table(["module", "batches per epoch", "epochs per fit", "plain-loop twin (CPU s)",
                           "Trainer.fit (CPU s)", "CPU-time ratio (target <= 1.05)", "wall-time ratio"], rows)
         + f"\n\nThis machine's float32 matmul rate: {gflops:.1f} GFLOP/s. Batches of 64 digits (SmallCNN at 28x28; "
