@@ -2,9 +2,10 @@
 
 ``deep_knn_filter`` computes its distances one ``[rows, n]`` block at a time; topk and the exactness
 checks read each block right after the matmul writes it. This times, alternating round by round on the
-same data (10 Gaussian clusters in d = 512, k = 50): the default CPU block (32 MB), the former 256 MB
-block, and scikit-learn's ``NearestNeighbors(algorithm="brute").kneighbors`` (k + 1 neighbours, since it
-counts each point as its own nearest; its BLAS limited to the same one thread through threadpoolctl).
+same data (10 Gaussian clusters in d = 512, k = 50): the default CPU block (64 MB, one reused buffer), the
+former default 32 MB and a 256 MB block, and scikit-learn's ``NearestNeighbors(algorithm="brute").kneighbors``
+(k + 1 neighbours, since it counts each point as its own nearest; its BLAS limited to the same one thread
+through threadpoolctl).
 Rates count ``2 n^2 d`` flops, over this machine's float32 matmul rate measured in each round.
 ``benchmarks/bench_deep_knn.py`` keeps the full n = 50,000 run.
 """
@@ -33,8 +34,9 @@ def run(quick: bool = False) -> str:
     flops = 2.0 * n * n * D
     threads = torch.get_num_threads()
     cases = {
-        "deep_knn_filter, 32 MB blocks (default)": lambda: deep_knn_filter(x, y, 50),
-        "deep_knn_filter, 256 MB blocks (before)": lambda: deep_knn_filter(
+        "deep_knn_filter, 64 MB blocks (default)": lambda: deep_knn_filter(x, y, 50),
+        "deep_knn_filter, 32 MB blocks": lambda: deep_knn_filter(x, y, 50, chunk_size=max(1, 32 * 2**20 // (n * 5))),
+        "deep_knn_filter, 256 MB blocks": lambda: deep_knn_filter(
             x, y, 50, chunk_size=max(1, 256 * 2**20 // (n * 5))),
         "scikit-learn NearestNeighbors(brute)": lambda: NearestNeighbors(n_neighbors=51, algorithm="brute").fit(
             x.numpy()).kneighbors(x.numpy()),

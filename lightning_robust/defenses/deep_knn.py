@@ -40,9 +40,10 @@ CLASS_BALANCES = ("none", "replicate")
 # Budget of one block of squared distances; 256 MB is 1,280 rows at n = 50,000 in float32.
 _CHUNK_BYTES = 256 * 2**20
 # On the CPU the block is read again by topk and the boundary checks right after the matmul writes it: a
-# block that stays in cache (32 MB: 167 rows at n = 50,000) ran at 0.78-0.84 of the matmul rate against
-# 0.65 for 256 MB in side-by-side runs at n = 8,000 (BENCHMARKS.md, deep_knn). GPUs keep the large block.
-_CPU_BLOCK_BYTES = 32 * 2**20
+# smaller block stays in cache (32 MB ran at 0.69 of the matmul rate against 0.65 for 256 MB at n = 8,000,
+# BENCHMARKS.md deep_knn_block). With the block buffer reused (no fresh pages per block) 64 MB (268 rows at
+# n = 50,000) ran the matmul + topk at 0.82 of the matmul rate against 0.72 for 32 MB. GPUs keep the large block.
+_CPU_BLOCK_BYTES = 64 * 2**20
 
 
 def check_features_labels(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,8 +119,9 @@ def _unit_roundoff(work: torch.dtype, device: torch.device) -> float:
 
 
 def _centred(x: torch.Tensor, work: torch.dtype, block: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(c, sq, scale)``: ``c = (x - mean) * scale`` in ``work``, ``sq = ||c||^2`` per row, ``scale`` a power of
-    two bringing the largest entry of ``c`` into [1/2, 1].
+    """``(ct, sq, scale)``: ``ct = ((x - mean) * scale)^T`` in ``work``, stored ``[d, n]`` contiguous (the distance
+    matmul's right operand; its query rows are column slices of it), ``sq = ||c||^2`` per row, ``scale`` a power
+    of two bringing the largest entry of ``c`` into [1/2, 1].
 
     A common shift and a positive scale change no distance rank, but they decide the rounding error of
     ``||x||^2 - 2 q.x``: centring removes the offset the expansion would cancel, the power-of-two scale (exact
@@ -130,7 +132,10 @@ def _centred(x: torch.Tensor, work: torch.dtype, block: int) -> tuple[torch.Tens
     # ``work`` errs by at most u |c| per entry, inside the bound of :func:`_neighbours`; the power-of-two
     # scale is exact. Two passes over the features in ``work``: no float64 copy of them.
     mean = (x.sum(0, dtype=torch.float64) / n).to(work)
-    c = torch.empty(n, d, dtype=work, device=x.device)
+    # Stored transposed: a [rows, d] x [d, n] product with a contiguous right operand ran ~15% faster on the
+    # CPU than against the transposed view of a row-major copy (no extra memory: the rows are a view of it).
+    ct = torch.empty(d, n, dtype=work, device=x.device)
+    c = ct.T
     amax = 0.0
     for lo in range(0, n, block):
         torch.sub(x[lo:lo + block].to(work), mean, out=c[lo:lo + block])
@@ -142,7 +147,7 @@ def _centred(x: torch.Tensor, work: torch.dtype, block: int) -> tuple[torch.Tens
     for lo in range(0, n, block):
         cb = c[lo:lo + block]
         sq[lo:lo + block] = (cb * cb).sum(1, dtype=torch.float64)  # products err by u each, the sum by ~0
-    return c, sq, scale
+    return ct, sq, scale
 
 
 def _exact_sq_dist(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: float) -> torch.Tensor:
@@ -182,15 +187,19 @@ def _neighbours(x: torch.Tensor, k: int, start: int, stop: int, chunk_size: int 
     itemsize = torch.empty((), dtype=work).element_size()
     budget = _CPU_BLOCK_BYTES if dev.type == "cpu" else _CHUNK_BYTES
     chunk = chunk_size or max(1, budget // max(1, n * (itemsize + 1)))
-    c, sq, scale = _centred(x, work, max(1, _CHUNK_BYTES // max(1, 8 * d)))
+    ct, sq, scale = _centred(x, work, max(1, _CHUNK_BYTES // max(1, 8 * d)))
     b = (d + 32) * _unit_roundoff(work, dev)
     a = 4.0 * (d + 2) * float(torch.finfo(work).tiny)
     bsq = b * sq
+    bias = (sq - bsq).unsqueeze(0)
     k_more = min(n - 1, k + max(16, k // 8))
+    # One block buffer for all blocks: on the CPU a fresh [chunk, n] allocation per block is fresh pages,
+    # whose first-touch faults cost ~10% of the matmul (side by side at n = 50,000).
+    buf = torch.empty(min(chunk, max(1, stop - start)), n, dtype=work, device=dev)
     for lo in range(start, stop, chunk):
         hi = min(lo + chunk, stop)
         # Lp_ij = ||c_j||^2 - 2 c_i.c_j - b ||c_j||^2; the row constant ||c_i||^2 changes no rank.
-        dist = torch.addmm((sq - bsq).unsqueeze(0), c[lo:hi], c.T, alpha=-2.0)
+        dist = torch.addmm(bias, ct[:, lo:hi].T, ct, alpha=-2.0, out=buf[: hi - lo])
         own = torch.arange(lo, hi, device=dev)
         dist[own - lo, own] = float("inf")  # self is never its own neighbour
         ri = (bsq[lo:hi] + a).unsqueeze(1)  # the row's share of E_ij
@@ -291,7 +300,7 @@ def knn_vote_counts(
             copies of itself (the paper's remedy for class imbalance: replicate under-represented classes
             before the k-NN), so the k nearest of the replicated multiset are counted.
         num_classes: number of count columns (default ``labels.max() + 1``).
-        chunk_size: query rows per block (default: a 32 MB block of distances on the CPU, 256 MB on a GPU).
+        chunk_size: query rows per block (default: a 64 MB block of distances on the CPU, 256 MB on a GPU).
         device: where to compute (default: the features' device).
 
     Returns:

@@ -33,6 +33,7 @@ from lightning_robust.objectives import (
 )
 from lightning_robust.utils.batch import split_batch
 from lightning_robust.utils.checkpoint import WeightsOnlyLoadFromCheckpoint
+from lightning_robust.utils.epoch_means import EpochMeans
 from lightning_robust.utils.validation import (
     check_choice,
     check_fraction,
@@ -209,6 +210,7 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.epoch_means = EpochMeans()
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         names = [n for o in self.objectives for n in o.accuracy_names]
@@ -298,12 +300,17 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def step_generator(self, device: torch.device | str) -> torch.Generator | None:
-        """Random starts of this step: keyed by (seed, global step, rank), so a resumed run draws the same."""
+    def step_generator(self, device: torch.device | str, step: int | None = None) -> torch.Generator | None:
+        """Random starts of this step: keyed by (seed, global step, rank), so a resumed run draws the same.
+
+        ``step`` overrides the trainer's global step (a loop without a Trainer, e.g. the benchmarks' plain-loop
+        twin, passes its own optimizer-step count and so draws the noise ``Trainer.fit`` would).
+        """
         if self.attack_seed is None:
             return None
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        step = self.trainer.global_step if self._trainer is not None else 0
+        if step is None:
+            step = self.trainer.global_step if self._trainer is not None else 0
         generator = torch.Generator(device=device)
         generator.manual_seed((self.attack_seed * 1_000_003 + step * 7_919 + rank) % (2**63 - 1))
         return generator
@@ -341,16 +348,25 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
         y = tb.y
         with torch.no_grad():
             logits = tb.input_logits(self)
-        self.train_acc(logits.detach(), y)
+        # Epoch-only values are accumulated here and logged once per epoch (on_train_epoch_end): a metric's
+        # forward also computes the batch's own value, and every self.log call costs Lightning ~0.3-0.5 ms,
+        # together a few % of a CPU fit for values nobody reads per step.
+        self.train_acc.update(logits.detach(), y)
         for name, (acc_logits, acc_y) in tb.accuracies.items():
-            metric: MulticlassAccuracy = self.objective_accuracies[name]  # type: ignore[assignment]
-            metric(acc_logits, acc_y)
-            self.log(f"train/{name}", metric, on_step=False, on_epoch=True)
+            self.objective_accuracies[name].update(acc_logits, acc_y)  # type: ignore[operator]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        for name, value in logs.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
+        self.epoch_means.add(logs, int(y.shape[0]))
         return loss
+
+    def _log_training_epoch(self) -> None:
+        """``train/acc``, the objectives' accuracies and the epoch means of their logs, then reset them."""
+        accuracies = [("acc", self.train_acc), *self.objective_accuracies.items()]
+        for name, metric in accuracies:
+            if metric.update_called:  # type: ignore[union-attr, operator]
+                # compute() synchronises over processes: every rank logs the same value.
+                self.log(f"train/{name}", metric.compute(), on_step=False, on_epoch=True)  # type: ignore[operator]
+                metric.reset()  # type: ignore[operator]
+        self.epoch_means.log(self, prefix="train/")
 
     def _replayed_step(self, tb: TrainingBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Manual optimization: one optimizer step per replay of the minibatch (free adversarial training)."""
@@ -413,6 +429,7 @@ class Classifier(WeightsOnlyLoadFromCheckpoint, pl.LightningModule):  # type: ig
                 sch.step()  # type: ignore[call-arg]
 
     def on_train_epoch_end(self) -> None:
+        self._log_training_epoch()
         manual = not self.automatic_optimization
         if manual and self.scheduler_factory is not None and self.scheduler_interval == "epoch":
             self._step_schedulers()

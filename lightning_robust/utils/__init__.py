@@ -1,4 +1,5 @@
-"""Utilities: mode guard and layer lookup, feature hooks, batch adapters, checkpoint loading, checks, figures."""
+"""Utilities: epoch means of training logs, mode guard and layer lookup, feature hooks, batch adapters,
+checkpoint loading, checks, figures."""
 
 from lightning_robust.utils.batch import Batch, split_batch
 from lightning_robust.utils.checkpoint import (
@@ -8,6 +9,7 @@ from lightning_robust.utils.checkpoint import (
     load_module,
     safe_load,
 )
+from lightning_robust.utils.epoch_means import EpochMeans
 from lightning_robust.utils.feature_extractor import FeatureExtractor
 from lightning_robust.utils.image_logging import log_image
 from lightning_robust.utils.modules import MODEL_MODES, model_mode, resolve_layer
@@ -18,6 +20,7 @@ from lightning_robust.utils.text import HFTokenizer, WordVocabulary, basic_token
 __all__ = [
     "Batch",
     "CheckpointError",
+    "EpochMeans",
     "FeatureExtractor",
     "HFTokenizer",
     "MODEL_MODES",
