@@ -454,22 +454,29 @@ def run(quick: bool = False) -> str:
         rows2.append([m + seeds_note, mean_std(accs, 4),
                       mean_std(diff, 2) if m != "standard" and diff else "-", *rob,
                       f"{statistics.fmean(t['fit_seconds'] for t in runs):.0f}"])
-    hist = ", ".join(f"{s}: {p:.0f}" for s, p in lm["history"])
+    steps_shown = lm["history"] if len(lm["history"]) <= 8 else [*lm["history"][:2], None, *lm["history"][-6:]]
+    hist = ", ".join("..." if h is None else f"{h[0]}: {h[1]:.1f}" for h in steps_shown)
+    lm_cfg = _lm_cfg(quick)[0]
     n_test = len(data["test"])
     return "\n".join([
         "### SPGD against AdvT-Text, iAdvT-Text and embedding PGD on IMDB (arXiv 1905.12864)",
         "",
         f"Target: CNN (widths {CLS_CFG['kernel_sizes']}, {CLS_CFG['num_filters']} filters each) over trainable "
         f"GloVe-50d ({VOCAB} words), trained with `TextClassifier` on all {len(data['train'])} training reviews "
-        f"(first {MAX_LEN} tokens; {100 * longer:.0f}% of the test reviews are longer), {CLS_CFG['epochs']} epochs, "
-        f"Adam {CLS_CFG['lr']}, batch {CLS_CFG['batch_size']}; standard training, seed 0: test accuracy "
+        f"(first {MAX_LEN} tokens; {100 * longer:.0f}% of the test reviews are longer), {epochs} epochs, "
+        f"Adam {CLS_CFG['lr']} times {CLS_CFG['lr_decay']} after each epoch, batch {CLS_CFG['batch_size']}, dropout "
+        f"{CLS_CFG['dropout']}; standard training, seed 0: test accuracy "
         f"{target['test_acc']:.4f} on all {n_test} test reviews ({target['fit_seconds']:.0f}s).",
         "",
-        f"Perplexity LM: word-level Transformer ({LM_CFG['layers']} layers, width {LM_CFG['dim']}, context "
-        f"{LM_CFG['context']} words, adaptive softmax) on {lm.get('n_train_reviews', 24500)} training reviews, "
-        f"held-out per-word perplexity {lm['heldout_ppl']:.0f} on {LM_HELDOUT} held-out training reviews "
-        f"(by step: {hist}; stopped: {lm['stopped']}; {lm.get('how', '')}). Reviews longer than the context are "
-        "scored whole with windows of 256 words every 128.",
+        f"Perplexity LM: word-level Transformer ({lm_cfg['layers']} layers, width {lm_cfg['dim']}, context "
+        f"{lm_cfg['context']} words, adaptive softmax) on {lm.get('n_train_reviews', 24500)} training reviews, "
+        f"batch {lm_cfg['batch_size']} windows, AdamW {lm_cfg['lr']}; held-out per-word perplexity evaluated every "
+        f"{lm_cfg['eval_every']} steps on {lm.get('heldout_tokens', '?')} tokens of {50 if quick else LM_HELDOUT} "
+        f"held-out training reviews, early stopping with patience {lm_cfg['patience']} (cap {lm_cfg['max_steps']} "
+        "steps): best "
+        f"{lm['heldout_ppl']:.1f} (by step: {hist}; stopped: {lm['stopped']} at step {lm['steps']}; "
+        f"{lm.get('how', '')}). Reviews longer than the context are scored whole with windows of "
+        f"{lm_cfg['context']} words every {lm_cfg['context'] // 2}.",
         "",
         f"**Attack table** ({n_rev} random test reviews, the same for every attack; success rate over the reviews "
         "the model classifies correctly; the other columns over each attack's successful reviews, ± one standard "
@@ -488,7 +495,9 @@ def run(quick: bool = False) -> str:
         f"**Adversarial training** (seeds {list(seeds)}, each trained on all {len(data['train'])} "
         f"training reviews, {adv_epochs} epoch(s), otherwise as the target; "
         "each method's one-step perturbation of norm 1 mean "
-        "word-embedding norm, computed in train mode; SPGD: max 5 words; adversarial weight 1): clean accuracy on "
+        "word-embedding norm, computed in train mode; SPGD: max 5 words; adversarial weight 1; SPGD and iAdvT reuse "
+        f"each word's neighbour list for {NEIGHBOUR_REFRESH} steps, as Sato et al.'s code keeps its nearest-word "
+        "table for an epoch): clean accuracy on "
         f"all {n_test} test reviews (mean ± std over seeds), difference from standard training of the same seed, "
         f"robust accuracy (correct and not fooled) under each attack on {N_ROBUST if not quick else 30} test reviews.",
         "",
@@ -520,8 +529,16 @@ def _main() -> None:
         epochs = 1 if quick else ADV_EPOCHS
         for item in (a for a in sys.argv[2:] if not a.startswith("--")):
             method, seed = item.split(":")
+            # A lock file per run lets two such processes share one list (each skips what the other has taken;
+            # a crashed run leaves its lock behind: delete it to retry).
+            lock = _dir(quick) / f"cls_{_key(method, int(seed), epochs)}.lock"
+            try:
+                os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                continue
             if train_classifier(data, method, int(seed), quick, epochs) is not None:
                 robustness(data, _key(method, int(seed), epochs), quick)
+            lock.unlink()
     elif stage == "attacks":  # the attack table against the target, without perplexities until the LM is cached
         lm_dir = _lm_cfg(quick)[1]
         lm_path = str(lm_dir) if (lm_dir / "train_info.json").is_file() else None
