@@ -181,9 +181,12 @@ def test_group_features_objective_sparsity_and_modes(trained_digits_cnn, digits_
         trained_digits_cnn.float()
 
 
-def test_group_features_relative_lambda2_solves_the_dense_problem(trained_digits_cnn, digits_tensors):
+def test_group_features_relative_lambda2_solves_the_dense_problem(trained_digits_cnn, digits_tensors, one_thread):
     # lambda2 in units of the top eigenvalue: the converged CASO (lambda1 = 0) is the dense solution
     # (l2 I - H)^-1 g with l2 = (rho + 1) lambda_max; CAFO with the same relative weight is g / (rho lambda_max).
+    # The iterations shrink the error by about 0.98 each: after 400 it was 4e-7 of the largest entry, so entries
+    # near zero missed rtol 1e-6 for some trained nets (the fixture net differs with the thread count); after
+    # 3000 it is near 1e-12. One thread: 3000 tiny Hessian-vector products only pay for synchronisation.
     net = trained_digits_cnn.double()
     try:
         x = digits_tensors[0][-6:].double()
@@ -192,7 +195,7 @@ def test_group_features_relative_lambda2_solves_the_dense_problem(trained_digits
         info = hessian_eigen_analysis(net, x, y)
         top, g = info.eigenvalues[:, 0], info.gradient
         rho = 0.5
-        caso = group_features(net, x, lambda1=0.0, lambda2=rho, lambda2_relative=True, n_iter=400).flatten(1)
+        caso = group_features(net, x, lambda1=0.0, lambda2=rho, lambda2_relative=True, n_iter=3000).flatten(1)
         eye = torch.eye(H.shape[1], dtype=H.dtype)
         ref = torch.linalg.solve((rho + 1) * top[:, None, None] * eye - H, g[:, :, None]).squeeze(2)
         assert torch.allclose(caso, ref, rtol=1e-6, atol=1e-10 * float(ref.abs().max()))

@@ -183,6 +183,31 @@ def test_scaling_path_matches_log_domain_where_the_kernel_underflows(fixed):
         _nw_sinkhorn_cost(cost[None], groups, 3, pi, eps, 10, 1e-6, method="kernel")
 
 
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed-pi", "nw"])
+def test_scaling_path_restarts_stabilised_when_a_scaling_leaves_the_float_range(fixed):
+    # In float32 the unclamped kernel path is taken for a cost range below 500 ε, yet exp(-C/ε) underflows
+    # to 0 once C/ε passes ~104: an outlier's whole kernel row is zero, its row scaling becomes inf, and the
+    # first convergence test sees a non-finite error. The solver must then start again stabilised and reach
+    # the log-domain solution, not return NaN.
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([mu + 0.4 * torch.randn(n, 2, generator=g) for mu, n in zip(MEANS, (10, 7, 5))]
+                  + [torch.tensor([[9.0, -4.0]])])
+    comps = [mu + 0.4 * torch.randn(m, 2, generator=g) for mu, m in zip(MEANS, (6, 8, 7))]
+    support = torch.cat(comps)
+    groups = torch.cat([torch.full((len(c),), i) for i, c in enumerate(comps)])
+    cost = torch.cdist(x, support)  # float32
+    eps = float(cost.max() - cost.min()) / 200  # range 200 ε: below the stabilisation threshold
+    assert bool((torch.exp(-(cost - cost.min()) / eps).sum(dim=1) == 0).any())  # the outlier's row underflows
+    pi = torch.tensor([0.5, 0.3, 0.2]) if fixed else None
+    fast = _nw_sinkhorn_cost(cost[None], groups, 3, pi, eps, 20_000, 1e-5)
+    ref = _nw_sinkhorn_cost(cost[None].double(), groups, 3, None if pi is None else pi.double(), eps, 20_000,
+                            1e-10, method="log")
+    assert bool(torch.isfinite(fast.plan).all())
+    assert torch.allclose(fast.plan.double(), ref.plan, rtol=0, atol=1e-5)
+    assert float(fast.value) == pytest.approx(float(ref.value), rel=1e-4)
+    assert torch.allclose(fast.proportions.double(), ref.proportions, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("rel_reg", [0.05, 0.003], ids=["plain-kernel", "stabilised"])
 def test_batched_scaling_path_matches_log_domain(rel_reg):
     # The two-sample test solves a batch of problems at once (bmm into buffers); each must be the log-domain
