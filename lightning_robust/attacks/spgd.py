@@ -91,27 +91,46 @@ def neighbour_directions(embeddings: torch.Tensor, token_ids: torch.Tensor, k: i
 
 # Neighbour lists depend only on the embedding table, which stays fixed while an attack runs and, with frozen word
 # vectors, across a whole training run. They are computed per token on first use and kept here, keyed by the
-# table's storage and in-place version counter (an optimizer step bumps it), so an Attack object itself stays a
-# plain bag of hyper-parameters. Only the most recent tables are kept.
-_CACHE: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
+# table's storage, in-place version counter (an optimizer step bumps it) and sum (a freed table's memory may hold
+# another table of the same shape and version, e.g. the next model loaded in an evaluation loop), so an Attack object
+# itself stays a plain bag of hyper-parameters. Only the most recent tables are kept. With ``refresh > 0`` the
+# version and sum are left out of the key and the lists are dropped only every ``refresh`` calls after the table
+# changed (Sato et al.'s periodic nearest-word table; meant for the attack of one training run).
+_CACHE: dict[tuple[Any, ...], dict[str, Any]] = {}
 _CACHE_SIZE = 2
 
 
-def _cache_for(embeddings: torch.Tensor, kind: str, k: int, allowed: torch.Tensor) -> dict[str, torch.Tensor]:
-    key = (kind, embeddings.data_ptr(), embeddings._version, tuple(embeddings.shape), str(embeddings.device),
+def _cache_for(embeddings: torch.Tensor, kind: str, k: int, allowed: torch.Tensor,
+               refresh: int = 0) -> dict[str, Any]:
+    version = (embeddings._version, float(embeddings.sum())) if refresh == 0 else f"every{refresh}"
+    key = (kind, embeddings.data_ptr(), version, tuple(embeddings.shape), str(embeddings.device),
            embeddings.dtype, k, hash(tuple(allowed.logical_not().nonzero().flatten().tolist())))
     entry = _CACHE.get(key)
     if entry is None:
         while len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
-        entry = _CACHE[key] = {"known": torch.zeros(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)}
+        entry = _CACHE[key] = {"known": torch.zeros(embeddings.shape[0], dtype=torch.bool, device=embeddings.device),
+                               "version": embeddings._version, "calls": 0}
+    if refresh:
+        entry["calls"] += 1
+        if entry["version"] != embeddings._version and entry["calls"] > refresh:
+            # the table changed and the lists are ``refresh`` calls old: recompute them (lazily, per token)
+            entry["known"].zero_()
+            entry["version"], entry["calls"] = embeddings._version, 1
     return entry
 
 
-def cached_neighbours(embeddings: torch.Tensor, token_ids: torch.Tensor, k: int,
-                      allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`neighbour_directions` for unique ``token_ids``, computing only tokens not seen with this table."""
-    entry = _cache_for(embeddings, "nbr", k, allowed)
+def cached_neighbours(embeddings: torch.Tensor, token_ids: torch.Tensor, k: int, allowed: torch.Tensor,
+                      refresh: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`neighbour_directions` for unique ``token_ids``, computing only tokens not seen with this table.
+
+    ``refresh = 0``: the lists are recomputed whenever the table changes in place (exact). ``refresh = n > 0``:
+    which words are the neighbours is recomputed only on the first call after the table changed that is more than
+    ``n`` calls after the last recomputation (so, called once per training step, every ``n`` steps), as Sato et al.'s
+    code recomputes its nearest-word table once per epoch (``update_nearest_epoch=1``); the directions and
+    distances to those neighbours always come from the current table.
+    """
+    entry = _cache_for(embeddings, "nbr", k, allowed, refresh)
     missing = token_ids[~entry["known"][token_ids]]
     if missing.numel():
         nbr, _, dist = neighbour_directions(embeddings, missing, k, allowed)
@@ -123,6 +142,8 @@ def cached_neighbours(embeddings: torch.Tensor, token_ids: torch.Tensor, k: int,
         entry["known"][missing] = True
     nbr, dist = entry["nbr"][token_ids], entry["dist"][token_ids]
     diff = embeddings[nbr] - embeddings[token_ids].unsqueeze(1)
+    if refresh:  # the lists may be older than the table: distances from the current table (0 stays "excluded")
+        dist = torch.where(dist > 0, diff.norm(dim=-1), dist)
     dirs = (diff / dist.clamp_min(1e-12).unsqueeze(-1)).masked_fill((dist <= 0).unsqueeze(-1), 0.0)
     return nbr, dirs, dist
 
@@ -238,6 +259,11 @@ class SPGD(TextAttack):
         threshold_mode: ``"relative"`` (fraction of the sentence's largest word perturbation) or ``"absolute"``
             (embedding-space units).
         num_neighbours: ``K``, candidate neighbours per word.
+        neighbour_refresh: ``0`` (default): the neighbour lists follow every change of the embedding table
+            (exact; with trainable embeddings, adversarial training recomputes them at every step);
+            ``n > 0``: during training they are recomputed every ``n`` calls (the directions and distances always
+            follow the current table), as Sato et al.'s code recomputes its nearest-word table once per epoch;
+            see :func:`cached_neighbours`. It changes nothing while the table is fixed (evaluation).
         eps: optional L2 budget of the whole perturbation, in units of the mean word-embedding norm
             (``None``: the per-word segments are the only bound).
         steps, alpha, loss, targeted, model_mode, random_start, early_stop, protected_ids: see
@@ -267,9 +293,11 @@ class SPGD(TextAttack):
         random_start: bool = False,
         early_stop: bool = False,
         protected_ids: Sequence[int] = (),
+        neighbour_refresh: int = 0,
     ) -> None:
         super().__init__(steps=steps, alpha=alpha, loss=loss, targeted=targeted, model_mode=model_mode,
                          random_start=random_start, early_stop=early_stop, protected_ids=protected_ids)
+        self.neighbour_refresh = check_positive_int("neighbour_refresh", neighbour_refresh, minimum=0)
         self.max_words = None if max_words is None else check_positive_int("max_words", max_words)
         self.threshold = float(check_non_negative("threshold", threshold))
         self.threshold_mode = check_choice("threshold_mode", threshold_mode, ("relative", "absolute"))
@@ -281,7 +309,7 @@ class SPGD(TextAttack):
     def prepare(self, embeddings: torch.Tensor, input_ids: torch.Tensor, free: torch.Tensor,
                 allowed: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:
         uniq, inverse = torch.unique(input_ids[free], return_inverse=True)
-        nbr, dirs, dist = cached_neighbours(embeddings, uniq, self.num_neighbours, allowed)
+        nbr, dirs, dist = cached_neighbours(embeddings, uniq, self.num_neighbours, allowed, self.neighbour_refresh)
         return {"nbr": nbr[inverse], "dirs": dirs[inverse], "dist": dist[inverse]}
 
     def _project_full(self, r: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,6 +444,11 @@ class IAdvTText(TextAttack):
     Args:
         xi: the perturbation's L2 norm over the sentence, in units of the mean word-embedding norm.
         num_neighbours: ``K``.
+        neighbour_refresh: ``0`` (default): the neighbour lists follow every change of the embedding table
+            (exact; with trainable embeddings, adversarial training recomputes them at every step);
+            ``n > 0``: during training they are recomputed every ``n`` calls (the directions and distances always
+            follow the current table), as Sato et al.'s code recomputes its nearest-word table once per epoch;
+            see :func:`cached_neighbours`. It changes nothing while the table is fixed (evaluation).
         loss, targeted, model_mode, early_stop, protected_ids: see
             :class:`~lightning_robust.attacks.text.TextAttack` (one step, no random start).
 
@@ -427,17 +460,19 @@ class IAdvTText(TextAttack):
     """
 
     def __init__(self, xi: float = 1.0, num_neighbours: int = 10, loss: str = "ce", targeted: bool = False,
-                 model_mode: str = "eval", early_stop: bool = False, protected_ids: Sequence[int] = ()) -> None:
+                 model_mode: str = "eval", early_stop: bool = False, protected_ids: Sequence[int] = (),
+                 neighbour_refresh: int = 0) -> None:
         xi = float(check_positive("xi", xi))
         super().__init__(steps=1, alpha=xi, loss=loss, targeted=targeted, model_mode=model_mode,
                          random_start=False, early_stop=early_stop, protected_ids=protected_ids)
         self.xi = xi
         self.num_neighbours = check_positive_int("num_neighbours", num_neighbours)
+        self.neighbour_refresh = check_positive_int("neighbour_refresh", neighbour_refresh, minimum=0)
 
     def prepare(self, embeddings: torch.Tensor, input_ids: torch.Tensor, free: torch.Tensor,
                 allowed: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:
         uniq, inverse = torch.unique(input_ids[free], return_inverse=True)
-        _, dirs, _ = cached_neighbours(embeddings, uniq, self.num_neighbours, allowed)
+        _, dirs, _ = cached_neighbours(embeddings, uniq, self.num_neighbours, allowed, self.neighbour_refresh)
         return {"dirs": dirs[inverse]}
 
     def direction(self, g: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:

@@ -247,7 +247,8 @@ def train_word_lm(texts: Sequence[str], heldout: Sequence[str], vocabulary: Word
                   context: int = 256, dim: int = 128, layers: int = 2, heads: int = 4, ff: int = 512,
                   cutoffs: Sequence[int] = (2000, 8000), dropout: float = 0.1, batch_size: int = 16,
                   lr: float = 2e-3, max_steps: int = 4000, eval_every: int = 200, patience: int = 2,
-                  eval_windows: int = 64, seed: int = 0, log: Any = None) -> dict[str, Any]:
+                  eval_windows: int = 64, seed: int = 0, log: Any = None,
+                  init_from: str | Path | None = None) -> dict[str, Any]:
     """Train a :class:`~lightning_robust.nets.WordLanguageModel` until its held-out perplexity stops improving.
 
     The tokenizer is word level over ``vocabulary`` (plus ``<bos>``), so per-token perplexity is per-word
@@ -255,6 +256,11 @@ def train_word_lm(texts: Sequence[str], heldout: Sequence[str], vocabulary: Word
     ``<bos>``-separated ``texts``; AdamW with warm-up. Every ``eval_every`` steps the per-word perplexity of
     ``eval_windows`` fixed, non-overlapping windows of the ``heldout`` texts is measured; training stops when
     it has not improved for ``patience`` evaluations (or at ``max_steps``), and the best weights are saved.
+
+    ``init_from`` (a folder saved by this function, with the same architecture) continues from its weights with a
+    fresh optimiser, e.g. at a lower learning rate once a constant-rate run has slowed (a step decay); the
+    held-out perplexity of those weights is evaluated first (step 0), so the continuation keeps them unless it
+    improves on them.
 
     Returns:
         ``{"path", "heldout_ppl" (best), "steps", "stopped" ("plateau" or "max_steps"), "history" [(step, ppl)],
@@ -278,6 +284,13 @@ def train_word_lm(texts: Sequence[str], heldout: Sequence[str], vocabulary: Word
     held_batch = held[: n_eval * context].view(n_eval, context)
     model = WordLanguageModel(len(tokenizer), context=context, dim=dim, layers=layers, heads=heads, ff=ff,
                               cutoffs=cutoffs, dropout=dropout)
+    if init_from is not None:
+        folder = Path(init_from)
+        saved = json.loads((folder / "lm_config.json").read_text()) if (folder / "lm_config.json").is_file() else None
+        if saved != json.loads(json.dumps(model.config)):
+            raise ValueError(f"init_from={str(folder)!r} must hold a train_word_lm model with this architecture "
+                             f"{model.config}, found {saved}")
+        model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
 
@@ -289,6 +302,10 @@ def train_word_lm(texts: Sequence[str], heldout: Sequence[str], vocabulary: Word
         return math.exp(float(nll))
 
     best, best_state, bad, history = float("inf"), None, 0, []
+    if init_from is not None:
+        best = heldout_ppl()
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append((0, best))
     stopped = "max_steps"
     t0 = time.perf_counter()
     model.train()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_robust.attacks import SPGD, EmbeddingPGD, TextAttackResult
+from lightning_robust.attacks import SPGD, EmbeddingPGD, IAdvTText, TextAttackResult
 from lightning_robust.attacks.spgd import (
     nearest_tokens,
     neighbour_directions,
@@ -325,3 +325,63 @@ def test_neighbour_cache_matches_and_follows_in_place_updates():
             assert all(torch.allclose(a.float(), b.float(), atol=1e-6) for a, b in zip(got, want))
         with torch.no_grad():  # an optimizer-style in-place step must invalidate the cached neighbours
             emb.weight.mul_(torch.rand(60, 1, generator=g) + 0.5).add_(0.3 * torch.randn(60, 5, generator=g))
+
+
+def test_neighbour_cache_tells_apart_tables_at_the_same_address_and_version():
+    # ``.data`` writes do not bump the version counter: the table at this address is another one (as when a freed
+    # table's memory holds the next model's), and the cache must not serve the first table's neighbours.
+    from lightning_robust.attacks.spgd import cached_neighbours
+
+    g = torch.Generator().manual_seed(8)
+    E = torch.randn(50, 4, generator=g)
+    allowed = torch.ones(50, dtype=torch.bool)
+    tokens = torch.arange(50)
+    cached_neighbours(E, tokens, 3, allowed)
+    version = E._version
+    E.data.copy_(torch.randn(50, 4, generator=g))
+    assert E._version == version
+    got = cached_neighbours(E, tokens, 3, allowed)
+    want = neighbour_directions(E, tokens, 3, allowed)
+    assert torch.equal(got[0], want[0])
+    assert all(torch.allclose(a.float(), b.float(), atol=1e-6) for a, b in zip(got, want))
+
+
+def test_neighbour_refresh_reuses_lists_then_equals_a_fresh_computation():
+    # Sato et al.'s periodic nearest-word table: with refresh=n the lists survive n calls after the table changed
+    # (directions and distances follow the current table); right after the refresh they equal a fresh computation.
+    from lightning_robust.attacks.spgd import cached_neighbours
+
+    g = torch.Generator().manual_seed(9)
+    emb = nn.Embedding(80, 6)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(80, 6, generator=g))
+    allowed = torch.ones(80, dtype=torch.bool)
+    allowed[0] = False
+    tokens = torch.arange(1, 80)
+    E = emb.weight.detach()
+    first = cached_neighbours(E, tokens, 5, allowed, refresh=3)
+    old = neighbour_directions(E, tokens, 5, allowed)
+    assert torch.equal(first[0], old[0])
+    with torch.no_grad():  # a large in-place step: many neighbour lists change
+        emb.weight.add_(1.5 * torch.randn(80, 6, generator=g))
+    E = emb.weight.detach()
+    new = neighbour_directions(E, tokens, 5, allowed)
+    assert not torch.equal(new[0], old[0])
+    for _ in range(2):  # calls 2 and 3: the old lists, with directions and distances from the current table
+        nbr, dirs, dist = cached_neighbours(E, tokens, 5, allowed, refresh=3)
+        assert torch.equal(nbr, old[0])
+        diff = E[old[0]] - E[tokens].unsqueeze(1)
+        torch.testing.assert_close(dist, diff.norm(dim=-1))
+        torch.testing.assert_close(dirs, diff / diff.norm(dim=-1, keepdim=True))
+    nbr, dirs, dist = cached_neighbours(E, tokens, 5, allowed, refresh=3)  # call 4: refreshed
+    assert torch.equal(nbr, new[0])
+    torch.testing.assert_close(dirs, new[1])
+    torch.testing.assert_close(dist, new[2])
+
+
+def test_neighbour_refresh_is_an_attack_option():
+    with pytest.raises(ValueError, match="neighbour_refresh must be an integer >= 0"):
+        SPGD(neighbour_refresh=-1)
+    with pytest.raises(ValueError, match="neighbour_refresh must be an integer >= 0"):
+        IAdvTText(neighbour_refresh=-1)
+    assert SPGD().neighbour_refresh == 0 and IAdvTText(neighbour_refresh=50).neighbour_refresh == 50

@@ -176,3 +176,21 @@ def test_evaluate_text_attack_aggregates_batches():
     assert out["n"] == 4 and len(out["results"]) == 2
     assert out["success_rate"] == 1.0 and out["words_changed"] == 1.0 and out["clean_acc"] == 1.0
     assert out["adv_acc"] == 0.0
+
+
+def test_train_word_lm_continues_from_saved_weights(tmp_path):
+    rng = random.Random(1)
+    texts = [synthetic_review(i % 2, rng, length=10) for i in range(120)]
+    vocab = WordVocabulary.build(texts, max_size=60)
+    arch = dict(context=16, dim=16, layers=1, heads=2, ff=32, cutoffs=(10, 30))
+    first = train_word_lm(texts[:100], texts[100:], vocab, tmp_path / "a", batch_size=8, lr=1e-2, max_steps=40,
+                          eval_every=10, patience=5, **arch)
+    # step 0 of the continuation is the saved model itself; at a vanishing learning rate nothing improves on it
+    again = train_word_lm(texts[:100], texts[100:], vocab, tmp_path / "b", batch_size=8, lr=1e-9, max_steps=20,
+                          eval_every=10, patience=2, init_from=tmp_path / "a", **arch)
+    assert again["history"][0][0] == 0
+    assert again["history"][0][1] == pytest.approx(first["heldout_ppl"], rel=1e-5)
+    assert again["heldout_ppl"] == pytest.approx(first["heldout_ppl"], rel=1e-4)
+    with pytest.raises(ValueError, match="init_from"):
+        train_word_lm(texts[:100], texts[100:], vocab, tmp_path / "c", max_steps=1, init_from=tmp_path / "a",
+                      **{**arch, "dim": 32})
