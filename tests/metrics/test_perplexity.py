@@ -194,3 +194,29 @@ def test_train_word_lm_continues_from_saved_weights(tmp_path):
     with pytest.raises(ValueError, match="init_from"):
         train_word_lm(texts[:100], texts[100:], vocab, tmp_path / "c", max_steps=1, init_from=tmp_path / "a",
                       **{**arch, "dim": 32})
+
+
+def test_train_word_lm_relative_tolerance_keeps_the_best_weights_until_an_improvement_exceeds_it(tmp_path):
+    rng = random.Random(2)
+    texts = [synthetic_review(i % 2, rng, length=10) for i in range(120)]
+    vocab = WordVocabulary.build(texts, max_size=60)
+    arch = dict(context=16, dim=16, layers=1, heads=2, ff=32, cutoffs=(10, 30))
+    kw = dict(batch_size=8, lr=1e-2, eval_every=5, **arch)
+    first = train_word_lm(texts[:100], texts[100:], vocab, tmp_path / "a", max_steps=10, patience=5, **kw)
+    free = train_word_lm(texts[:100], texts[100:], vocab, tmp_path / "b", max_steps=30, patience=10,
+                         init_from=tmp_path / "a", **kw)
+    ppl = [p for _, p in free["history"]]
+    assert ppl[0] == pytest.approx(first["heldout_ppl"], rel=1e-5) and min(ppl[1:]) < ppl[0]  # it keeps improving
+    # A tolerance just above the continuation's largest relative gain over step 0: no evaluation counts, so the
+    # run stops after `patience` evaluations and keeps the weights it started from (Lightning's min_delta rule).
+    tol = 1 - min(ppl[1:]) / ppl[0] + 1e-3
+    held = train_word_lm(texts[:100], texts[100:], vocab, tmp_path / "c", max_steps=30, patience=2,
+                         init_from=tmp_path / "a", min_rel_improvement=tol, **kw)
+    assert held["stopped"] == "plateau" and held["steps"] == 10
+    assert [h for h in held["history"]] == [h for h in free["history"][:3]]  # the same run until it stops
+    assert held["heldout_ppl"] == pytest.approx(ppl[0], rel=1e-6)
+    a = torch.load(tmp_path / "a" / "weights.pt", weights_only=True)
+    c = torch.load(tmp_path / "c" / "weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(ValueError, match="min_rel_improvement"):
+        train_word_lm(texts[:100], texts[100:], vocab, tmp_path / "d", max_steps=1, min_rel_improvement=1.0, **arch)
