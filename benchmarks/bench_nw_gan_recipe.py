@@ -206,7 +206,7 @@ class _Run:
         e = mixture_recovery_errors(samples, self.means, self.covs, self.pi_true)
         # Exact log-likelihood of fresh data under the model Σ_k π̂_k N(b_k, Z_STD² A_k A_kᵀ) (float64).
         x = _sample(self.means, self.T, self.pi_true, 4000, g).double()
-        model_cov = Z_STD**2 * (A @ A.transpose(1, 2)).double() + 1e-12 * torch.eye(2, dtype=torch.float64)
+        model_cov = Z_STD**2 * (A @ A.transpose(1, 2)).double()
         ll_model = _mixture_loglik(x, w.double(), b.double(), model_cov)
         ll_true = _mixture_loglik(x, self.pi_true.double(), self.means.double(), self.covs.double())
         return {"epoch": self.epoch, "gen_steps": self.gen_it, "pi_error": e["pi_error"],
@@ -215,8 +215,24 @@ class _Run:
 
 
 def _mixture_loglik(x: torch.Tensor, pi: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> float:
-    comps = torch.distributions.MultivariateNormal(mu, covariance_matrix=cov)
-    logp = comps.log_prob(x[:, None, :]) + pi.clamp_min(1e-300).log()
+    """Mean of ``log Σ_k π_k N(x; μ_k, Σ_k)`` over the rows of ``x``, exact for singular components.
+
+    A component whose covariance is singular (a generator that collapsed its 2-d latent onto a line or a point,
+    which happens during training) has no density: it puts all its mass on a null set that fresh data points
+    miss almost surely, so it contributes density 0 (log-density -inf) rather than raising. Which covariances
+    count as singular is decided by a Cholesky factorisation that fails (``cholesky_ex``'s ``info > 0``);
+    the rest use ``log N = -½‖L⁻¹(x-μ)‖² - Σ log L_ii - (d/2) log 2π`` with ``Σ = L Lᵀ``.
+    """
+    d = x.shape[-1]
+    L, info = torch.linalg.cholesky_ex(cov)
+    ok = info == 0
+    L = torch.where(ok[:, None, None], L, torch.eye(d, dtype=cov.dtype))  # placeholder factor, masked out below
+    diff = (x[None, :, :] - mu[:, None, :]).transpose(1, 2)  # [K, d, N]
+    maha = torch.linalg.solve_triangular(L, diff, upper=False).pow(2).sum(1)  # [K, N]
+    logdet = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    logn = -0.5 * maha - logdet[:, None] - 0.5 * d * math.log(2 * math.pi)
+    logn = torch.where(ok[:, None], logn, torch.full_like(logn, -math.inf))
+    logp = logn.T + pi.clamp_min(1e-300).log()
     return float(torch.logsumexp(logp, dim=1).mean())
 
 
