@@ -73,7 +73,7 @@ class CertificationCallback(EvaluationCallback):
         max_samples: deprecated name of ``num_samples``.
 
     Raises:
-        ValueError: on an unknown ``method`` or invalid numbers; in ``setup``, on a ``net`` that is not a
+        ValueError: on an unknown ``method`` or invalid numbers; when the run starts, on a ``net`` that is not a
             submodule.
 
     Example:

@@ -14,7 +14,10 @@ Every evaluation callback (:class:`~lightning_robust.callbacks.RobustnessEvaluat
   draws;
 * ``prog_bar``: also show the logged numbers in the progress bar;
 * errors: ``TypeError`` for an argument of the wrong type, ``ValueError`` for a bad value, raised in the
-  constructor or in ``setup`` (before the first training step), never later.
+  constructor or when the run starts (before the first training step), never later. The checks that read the
+  module run in ``on_fit_start`` / ``on_validation_start`` / ``on_test_start``, not in ``setup``: Lightning
+  calls the callbacks' ``setup`` *before* the module's own ``setup`` and ``configure_model`` (where a module
+  may build its network lazily) and before the strategy moves the module to its device.
 
 Metrics go through ``pl_module.log`` with ``sync_dist=True`` and a ``batch_size``, so they appear in the
 dicts ``trainer.validate`` / ``trainer.test`` return, in the CLI's ``test`` table, and can be monitored by
@@ -131,6 +134,7 @@ class EvaluationCallback(pl.Callback):
         self.num_samples = num_samples
         self.prog_bar = prog_bar
         self._running: dict[str, bool] = {}
+        self._pending_check: str | None = None
 
     # ---- schedule --------------------------------------------------------------------------------------
     def is_due(self, trainer: pl.Trainer) -> bool:
@@ -157,17 +161,39 @@ class EvaluationCallback(pl.Callback):
 
     # ---- fail fast ------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.check_setup(trainer, pl_module, stage)
+        # Only remember the stage: the module's own setup/configure_model has not run yet (a lazily built
+        # `net` does not exist) and the module is not on its device yet. The check runs at the stage's start.
+        self._pending_check = stage
+
+    def _run_pending_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = self._pending_check
+        if stage is not None:
+            self._pending_check = None
+            self.check_setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run_pending_check(trainer, pl_module)  # before the sanity check and the first step
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run_pending_check(trainer, pl_module)  # trainer.validate (during fit: done in on_fit_start)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run_pending_check(trainer, pl_module)
 
     def check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Validate the settings against the module and data before the first step (override to extend)."""
+        """Validate the settings against the module and data before the first step (override to extend).
+
+        Runs once per ``fit`` / ``validate`` / ``test``, after the module's ``setup`` and ``configure_model``
+        and after the module is on its device (``stage`` is the ``setup`` stage: ``"fit"``, ``"validate"``
+        or ``"test"``).
+        """
         self.resolve_net(pl_module)
 
     @staticmethod
     def peek_batch(trainer: pl.Trainer, stage: str) -> Any | None:
         """The first batch of the stage's first evaluation dataloader of the datamodule (``None`` if unknown).
 
-        Used by ``setup`` checks; the datamodule is already set up when callbacks' ``setup`` runs.
+        Used by :meth:`check_setup`; the datamodule is set up by then.
         """
         dm = getattr(trainer, "datamodule", None)
         fn = getattr(dm, "test_dataloader" if stage == "test" else "val_dataloader", None)

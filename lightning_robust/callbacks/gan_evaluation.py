@@ -143,6 +143,16 @@ class GANEvaluation(EvaluationCallback):
     # ---- lifecycle -------------------------------------------------------------------------------------
     def _build(self, device: torch.device) -> None:
         if self.fid is not None:
+            if self.fid.device != torch.device(device):
+                # The module moved (e.g. trainer.test on a GPU after a CPU fit): the feature nets and the
+                # metrics' accumulated real statistics follow it.
+                self.features.to(device)
+                self.fid.to(device)
+                if self.kid is not None:
+                    self.kid.to(device)
+                if self.logits is not None and self.inception is not None:
+                    self.logits.to(device)
+                    self.inception.to(device)
             return
         # The metrics receive features computed once per batch (FID and KID share them).
         self.features.to(device)

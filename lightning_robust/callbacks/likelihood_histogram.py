@@ -91,7 +91,7 @@ class LikelihoodHistogram(EvaluationCallback):
         scores: the last epoch's gathered scores per set (``"in-distribution"`` and each OOD kind).
 
     Raises:
-        ValueError: on unknown OOD kinds or non-positive sizes; in ``setup``, on a module without ``method``.
+        ValueError: on unknown OOD kinds or non-positive sizes; when the run starts, on a module without ``method``.
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[LikelihoodHistogram(ood=("uniform", "shuffled"))])

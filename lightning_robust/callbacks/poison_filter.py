@@ -163,8 +163,6 @@ class DeepKNNPoisonFilter(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.layer is not None:
-            resolve_layer(self.feature_extractor or pl_module, self.layer)  # clear error naming valid layers
         self._datamodule(trainer)  # a clear error now rather than at filtering time
         if self.filter_epoch > 0 and not getattr(trainer, "reload_dataloaders_every_n_epochs", 0):
             # The loader of epoch `filter_epoch` must be built after the decision; only the Trainer's own
@@ -174,6 +172,10 @@ class DeepKNNPoisonFilter(pl.Callback):
                              "so that the next train dataloader is built without them (or use filter_epoch=0)")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The layer is checked here, not in `setup`: Lightning runs the callbacks' setup before the module's own
+        # setup/configure_model, where a module may build its network lazily.
+        if self.layer is not None:
+            resolve_layer(self.feature_extractor or pl_module, self.layer)  # clear error naming valid layers
         # A resumed run has decided already (the DataModule's restored state holds the exclusions).
         if self.filtered_before_epoch is None and self.filter_epoch == 0:
             self.run_filter(trainer, pl_module, at_start=True)

@@ -60,7 +60,7 @@ class RobustnessEvaluation(EvaluationCallback):
 
     Raises:
         TypeError: on an attack that is not callable or a mistyped argument.
-        ValueError: on an empty ``attacks``, a bad name or count; in ``setup``, on a ``net`` that is not a
+        ValueError: on an empty ``attacks``, a bad name or count; when the run starts, on a ``net`` that is not a
             submodule or data outside an attack's bounds.
 
     Example:

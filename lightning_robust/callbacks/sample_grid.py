@@ -23,7 +23,7 @@ class SampleGrid(EvaluationCallback):
     Samples come from ``pl_module.sample(n, use_ema=...)`` (a :class:`~lightning_robust.models.GAN` draws
     them from its fixed latent batch, so successive grids show the same latents evolving); modules without
     ``sample`` must have ``fixed_latents`` and are called as ``module(fixed_latents[:n])`` in eval mode
-    (checked in ``setup``, before the first step). The grid goes to TensorBoard / W&B style loggers and to
+    (checked when the run starts, before the first step). The grid goes to TensorBoard / W&B style loggers and to
     ``<log_dir>/images/<prefix>_step<k>.png`` via :func:`~lightning_robust.utils.log_image`, on global rank 0
     only (generation needs no other rank).
 
@@ -42,7 +42,7 @@ class SampleGrid(EvaluationCallback):
         last_path: path of the last PNG written (``None`` before the first, and on ranks other than 0).
 
     Raises:
-        ValueError: on invalid numbers. TypeError: in ``setup``, for a module with neither ``sample`` nor
+        ValueError: on invalid numbers. TypeError: when the run starts, for a module with neither ``sample`` nor
             ``fixed_latents``.
 
     Example:

@@ -41,7 +41,7 @@ class TripWire(pl.Callback):
         net: dotted path of the submodule to attack (``""`` = the module itself).
 
     Raises:
-        ValueError: on a bad number, or (in ``setup``) no ``attack`` and no training attack on the module.
+        ValueError: on a bad number, or (at the start of fit) no ``attack`` and no training attack on the module.
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[TripWire(batches=2, max_drop=0.2)])
@@ -68,7 +68,9 @@ class TripWire(pl.Callback):
     def state_key(self) -> str:
         return self._generate_state_key(batches=self.batches, max_drop=self.max_drop, net=self.net)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not in `setup`: Lightning runs the callbacks' setup before the module's own setup/configure_model,
+        # where a module may build its network lazily. on_fit_start is still before the first step.
         if self.net:
             resolve_layer(pl_module, self.net)  # a clear error naming the valid submodules
         if self.attack is None:

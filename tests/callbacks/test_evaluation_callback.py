@@ -188,7 +188,7 @@ def test_data_outside_the_attack_bounds_fails_before_the_first_step(tmp_path):
     assert "robust/pgd_acc" in ok.callback_metrics
 
 
-def test_gan_evaluation_without_the_real_split_fails_in_setup(tmp_path, trained_digits_cnn):
+def test_gan_evaluation_without_the_real_split_fails_before_the_first_step(tmp_path, trained_digits_cnn):
     class Gen(pl.LightningModule):
         latent_dim = 4
 

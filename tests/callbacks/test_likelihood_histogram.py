@@ -82,4 +82,4 @@ def test_missing_scoring_method_is_a_clear_error(tmp_path):
     trainer = single_trainer(tmp_path, max_epochs=1, callbacks=[LikelihoodHistogram()], num_sanity_val_steps=0)
     with pytest.raises(ValueError, match=r"method='log_likelihood' is not a method of NoScore"):
         trainer.fit(NoScore(), train_dataloaders=loader, val_dataloaders=loader)
-    assert trainer.global_step == 0  # failed in setup, before the first step
+    assert trainer.global_step == 0  # failed at the start of fit, before the first step
