@@ -12,8 +12,9 @@ and every 500th; 1000 in the last of the 200 epochs); one "epoch" = 500 critic s
 ``⌈2000/1024⌉`` batches, component ``k`` contributing ``⌊π_k 1024⌋`` samples per batch, each assigned to the
 nearest true mean (:func:`~lightning_robust.ot.mixture_recovery_errors`). Their last epoch exists to measure W
 with a critic trained to optimality ("we measure the wasserstein distance in the last epoch"): 1000 critic steps,
-then a single generator and π step. They evaluate every 200 generator steps, so never after that step; the
-table's headline is therefore the end of epoch 199, and the state after epoch 200 has its own rows.
+then a single generator and π step. They evaluate every 200 generator steps, so never after that step (it is
+step 9907; their last evaluation is at step 9800, in epoch 198). The table's headline is therefore the end of
+epoch 199 (step 9906), and the state after epoch 200 has its own rows.
 
 Random start (theirs) against our k-means start (each generator's output shifted to one k-means centre of
 4000 data points; everything else identical).
